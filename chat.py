@@ -404,7 +404,7 @@ def api_error(response: requests.Response) -> ApiError:
     status = f"HTTP {response.status_code} {status_reason(response)}"
     error = error_payload(response)
     message = error.get("message") or error_snippet(response)
-    text = f"{status}: {message}" if message and message not in status else status
+    text = f"{status}: {message}" if message and message.lower() not in status.lower() else status
     code = f"{error.get('code')} {error.get('type')}"
     if "insufficient_quota" in code:
         return ApiError(f"{text} (the account is out of quota: add credit, retrying will not help)")

@@ -35,7 +35,7 @@ def clean_environ(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def httpserver_listen_address():
     return ("127.0.0.1", 0)
 
