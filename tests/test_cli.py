@@ -202,10 +202,10 @@ class TestApiErrors:
         assert done.err.endswith("…\n") and len(done.err) < 300
 
     def test_404_hints_at_the_base_url(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json({"detail": "Not Found"}, status=404)
+        httpserver.expect_request(URL).respond_with_json({"detail": "no route for this path"}, status=404)
         done = run_chat("--base-url", base_url, "q")
         assert done.code == 1
-        assert "Not Found" in done.err and "--base-url" in done.err
+        assert "no route for this path" in done.err and "--base-url" in done.err
 
     @pytest.mark.parametrize(
         "body, words",
