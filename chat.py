@@ -621,6 +621,8 @@ def stream_reply(response: requests.Response, out, trace=None) -> dict:
 
 def read_stream_event(event: str, data: str, reply: dict) -> str:
     """The text one stream event adds; records finish_reason and usage in reply."""
+    if not data.strip():
+        return ""  # "data:" alone: an empty event, sent by some servers as a keep-alive
     try:
         chunk = json.loads(data)
     except ValueError:

@@ -178,3 +178,26 @@ def json_response(status: int, body, reason: str = "", headers: str = "") -> byt
                         503: "Service Unavailable"}.get(status, "Status")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{headers}"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload
+
+
+@pytest.fixture
+def call_main(monkeypatch, capsys):
+    """Run chat.main() in this process with the given stdin; retry waits are recorded, not slept.
+
+    Returns a function giving (code, out, err); `.waits` lists the sleeps asked for."""
+    import io
+
+    import chat
+
+    waits = []
+    monkeypatch.setattr(chat.time, "sleep", waits.append)
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+
+    def call(*args, stdin: bytes = b""):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        code = chat.main(list(args))
+        captured = capsys.readouterr()
+        return SimpleNamespace(code=code, out=captured.out, err=captured.err)
+
+    call.waits = waits
+    return call
