@@ -27,7 +27,7 @@ import base64
 import copy
 import email.utils
 import html
-import http
+import http.client
 import io
 import ipaddress
 import json
@@ -366,7 +366,7 @@ def retry_wait(exc: Exception, attempt: int, retries: int) -> float | None:
 
 def is_transient(exc: requests.RequestException) -> bool:
     """Network failures worth another try: not TLS errors, not bad URLs or headers."""
-    if isinstance(exc, requests.exceptions.SSLError):
+    if isinstance(exc, requests.exceptions.SSLError) or speaks_no_http(exc):
         return False
     return isinstance(
         exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
@@ -658,7 +658,12 @@ def finish_warning(finish_reason: str | None) -> str | None:
 
 
 def warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def one_line(text: str) -> str:
+    """Server text can hold line breaks and control characters; a message is one line."""
+    return " ".join(text.split())
 
 
 # ----------------------------------------------------------------- tracing
@@ -762,6 +767,8 @@ def explain_error(exc: BaseException, timeout: float | None) -> tuple[ExitStatus
         return ExitStatus.API_ERROR, f"cannot decode the reply from {host}: {root_cause(exc)}"
     if isinstance(exc, requests.TooManyRedirects):
         return ExitStatus.API_ERROR, f"too many redirects from {host}"
+    if speaks_no_http(exc):
+        return ExitStatus.API_ERROR, f"{host} did not answer in HTTP: {root_cause(exc)!r}"
     if isinstance(exc, requests.ConnectionError):
         if isinstance(innermost(exc), socket.gaierror):
             return ExitStatus.NETWORK, f"cannot resolve host {host}: {root_cause(exc)}"
@@ -781,6 +788,12 @@ def is_timeout(exc: BaseException) -> bool:
     return isinstance(exc, requests.ConnectionError) and any(
         isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args
     )
+
+
+def speaks_no_http(exc: BaseException) -> bool:
+    """True when the server sent something that is not HTTP (but did not just hang up)."""
+    cause = innermost(exc)
+    return isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError)
 
 
 def host_of(exc: BaseException) -> str:
@@ -922,7 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CHAT_PY_TRACEBACK"):
             raise
         status, message = explain_error(exc, timeout)
-        print(f"error: {redact(message, key)}", file=sys.stderr)
+        print(f"error: {one_line(redact(message, key))}", file=sys.stderr)
         return status
 
 
@@ -1039,7 +1052,7 @@ def converse(ask, model: str, base_url: str, system: str | None, image_urls: lis
             sys.stdout.write("\n")  # the partial reply stays; the turn is not kept
             continue
         except (ChatError, requests.RequestException) as exc:
-            print(f"error: {redact(explain_error(exc, timeout)[1], key)} (/retry to ask again)",
+            print(f"error: {one_line(redact(explain_error(exc, timeout)[1], key))} (/retry to ask again)",
                   file=sys.stderr)
             continue
         history += [user_message, {"role": "assistant", "content": reply["text"]}]
