@@ -1,0 +1,87 @@
+"""Property tests: however a valid stream is cut into network reads, the events and the
+printed text are the same; garbage never crashes the reader."""
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import chat
+
+# Text a model might send: any Unicode but surrogates, including U+2028, CR and LF.
+delta_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
+line_end = st.sampled_from([b"\n", b"\r\n", b"\r"])
+# A line of any bytes that is not a data/event field: a comment, or an unknown or ignored field.
+garbage_line = st.one_of(
+    st.binary(max_size=40).map(lambda raw: b":" + raw),
+    st.sampled_from([b"id", b"retry", b"foo", b"x-custom", b"datum"]).flatmap(
+        lambda name: st.binary(max_size=20).map(lambda raw: name + b": " + raw)),
+).map(lambda line: line.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@st.composite
+def sse_streams(draw):
+    """(stream bytes, expected events, expected printed text)"""
+    texts = draw(st.lists(delta_text, max_size=12))
+    raw, events = b"", []
+    for text in texts:
+        end = draw(line_end)
+        for line in draw(st.lists(garbage_line, max_size=2)):
+            raw += line + end
+        payload = json.dumps({"choices": [{"delta": {"content": text}}]}, ensure_ascii=draw(st.booleans()))
+        # Split the JSON over several data: lines at commas; the decoder joins them with "\n".
+        pieces = payload.split(", ") if draw(st.booleans()) else [payload]
+        for piece in pieces:
+            raw += b"data:" + draw(st.sampled_from([b"", b" "])) + piece.encode() + end
+        raw += end
+        events.append(("", "\n".join(pieces)))
+    raw += b"data: [DONE]" + draw(line_end) * 2
+    events.append(("", "[DONE]"))
+    return raw, events, "".join(texts)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    return [data[start:end] for start, end in zip([0] + points, points + [len(data)])]
+
+
+def decode_all(chunks) -> list[tuple[str, str]]:
+    decoder = chat.SSEDecoder()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    return events + decoder.finish()
+
+
+def printed_text(events) -> str:
+    reply = {}
+    return "".join(chat.read_stream_event(event, data, reply) for event, data in events
+                   if data != "[DONE]")
+
+
+@settings(max_examples=300, deadline=None)
+@given(sse_streams(), st.lists(st.integers(min_value=0), max_size=25))
+def test_any_split_gives_the_same_events_and_text(stream, cuts):
+    raw, expected_events, expected_text = stream
+    events = decode_all(split_at(raw, cuts))
+    assert events == expected_events
+    assert printed_text(events) == expected_text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.lists(st.integers(min_value=0), max_size=10))
+def test_arbitrary_bytes_never_crash_the_reader(raw, cuts):
+    events = decode_all(split_at(raw, cuts))
+    assert events == decode_all([raw])
+    for event, data in events:
+        try:
+            chat.read_stream_event(event, data, {})
+        except chat.ApiError:
+            pass  # a clean, explained failure is allowed; any other exception is not
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(garbage_line, max_size=8), line_end, st.lists(st.integers(min_value=0), max_size=8))
+def test_garbage_lines_between_events_change_nothing(garbage, end, cuts):
+    good = b"data: " + json.dumps({"choices": [{"delta": {"content": "ok"}}]}).encode() + end + end
+    raw = b"".join(line + end for line in garbage) + good + b"".join(line + end for line in garbage)
+    events = decode_all(split_at(raw, cuts))
+    assert printed_text(events) == "ok"
