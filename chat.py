@@ -515,7 +515,8 @@ class SSEDecoder:
     # A CR at the very end may be the first half of a CRLF: wait for the next read.
     LINE_END = re.compile(rb"\r\n|\n|\r(?!$)")
 
-    def __init__(self):
+    def __init__(self, on_line=None):
+        self.on_line = on_line  # called with each raw line, for the -v trace
         self.pending = b""
         self.event = ""
         self.data = []
@@ -529,7 +530,10 @@ class SSEDecoder:
             lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # the spec strips one BOM
         events = []
         for line in lines:
-            event = self.decode_line(line.decode("utf-8", "replace"))
+            text = line.decode("utf-8", "replace")
+            if self.on_line:
+                self.on_line(text)
+            event = self.decode_line(text)
             if event:
                 events.append(event)
         return events
@@ -580,9 +584,9 @@ def iter_body(response: requests.Response):
         raise requests.exceptions.ContentDecodingError(exc, request=response.request) from None
 
 
-def iter_sse_batches(response: requests.Response):
+def iter_sse_batches(response: requests.Response, on_line=None):
     """Yield, for each network read, the list of (event, data) pairs it completed."""
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(on_line)
     for chunk in iter_body(response):
         yield decoder.feed(chunk)
     yield decoder.finish()
@@ -593,10 +597,8 @@ def stream_reply(response: requests.Response, out, trace=None) -> dict:
     reply = {"text": "", "finish_reason": None, "usage": None, "done": False}
     parts = []
     try:
-        for events in iter_sse_batches(response):
+        for events in iter_sse_batches(response, trace.sse_line if trace else None):
             for event, data in events:
-                if trace:
-                    trace.sse(event, data)
                 if data == "[DONE]":
                     reply["done"] = True
                     break
@@ -702,8 +704,8 @@ class Trace:
         self.write("< ", "")
         self.write("* ", f"time to first byte: {response.elapsed.total_seconds():.3f} s")
 
-    def sse(self, event: str, data: str) -> None:
-        self.write("| ", (f"event: {event}\n" if event else "") + f"data: {data}")
+    def sse_line(self, line: str) -> None:
+        self.stderr.write(redact(f"| {line}", self.key) + "\n")
 
     def summary(self, usage: dict | None) -> None:
         self.write("* ", f"total time: {time.perf_counter() - self.started:.3f} s")
