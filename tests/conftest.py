@@ -24,6 +24,11 @@ FAKE_KEY = "sk-test-not-a-real-key-5f3a9c"
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "realmodel: runs chat.py against a real local model server (tests/setup_realmodel.sh)")
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch, tmp_path):
     """No proxies, no OPENAI_* settings from the developer's shell, and a fresh working directory
