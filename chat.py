@@ -507,23 +507,27 @@ class SSEDecoder:
 
     Lines end with CRLF, LF or CR; a blank line dispatches the event; a line
     starting with ":" is a comment; "field: value" loses one space after the
-    colon; several data lines join with "\\n". Lines are split as bytes before
-    decoding, so a character split across reads stays whole, and U+2028 inside
-    the JSON is not taken for a line break.
+    colon; several data lines join with "\\n"; an event cut off by the end of
+    the stream is dropped. Lines are split as bytes before decoding, so a
+    character split across reads stays whole, and U+2028 inside the JSON is not
+    taken for a line break.
     """
 
-    # A CR at the very end may be the first half of a CRLF: wait for the next read.
-    LINE_END = re.compile(rb"\r\n|\n|\r(?!$)")
+    LINE_END = re.compile(rb"\r\n|\r|\n")
 
     def __init__(self, on_line=None):
         self.on_line = on_line  # called with each raw line, for the -v trace
         self.pending = b""
+        self.started = False
+        self.after_cr = False
         self.event = ""
         self.data = []
-        self.started = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """Take the next bytes of the stream; return the (event, data) pairs they complete."""
+        if self.after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
+        self.after_cr = chunk.endswith(b"\r")
         *lines, self.pending = self.LINE_END.split(self.pending + chunk)
         if lines and not self.started:
             self.started = True
@@ -537,12 +541,6 @@ class SSEDecoder:
             if event:
                 events.append(event)
         return events
-
-    def finish(self) -> list[tuple[str, str]]:
-        """Call at the end of the stream: a final CR was a line end after all."""
-        if self.pending.endswith(b"\r"):
-            return self.feed(b"\n")
-        return []
 
     def decode_line(self, line: str) -> tuple[str, str] | None:
         if not line:
@@ -564,11 +562,12 @@ class SSEDecoder:
 def iter_body(response: requests.Response):
     """Yield the body's bytes as soon as they arrive, whether chunked or not.
 
-    iter_content(chunk_size=None) waits for the whole body when the server does
-    not use chunked encoding, so read1() is called on the raw stream instead;
-    its errors are turned into the ones requests raises for iter_content.
+    With chunked encoding, iter_content(chunk_size=None) yields each chunk as it
+    comes. Without it, iter_content would wait for the whole body, so read1() is
+    called on the raw stream instead, its errors turned into the ones requests
+    raises for iter_content.
     """
-    if not hasattr(response.raw, "read1"):  # urllib3 before 2.3
+    if response.raw.chunked or not hasattr(response.raw, "read1"):  # read1: urllib3 2.3+
         yield from response.iter_content(chunk_size=None)
         return
     try:
@@ -584,21 +583,14 @@ def iter_body(response: requests.Response):
         raise requests.exceptions.ContentDecodingError(exc, request=response.request) from None
 
 
-def iter_sse_batches(response: requests.Response, on_line=None):
-    """Yield, for each network read, the list of (event, data) pairs it completed."""
-    decoder = SSEDecoder(on_line)
-    for chunk in iter_body(response):
-        yield decoder.feed(chunk)
-    yield decoder.finish()
-
-
 def stream_reply(response: requests.Response, out, trace=None) -> dict:
     """Print a streamed reply's text as it arrives; return text, finish_reason, usage and done."""
     reply = {"text": "", "finish_reason": None, "usage": None, "done": False}
     parts = []
     try:
-        for events in iter_sse_batches(response, trace.sse_line if trace else None):
-            for event, data in events:
+        decoder = SSEDecoder(trace.sse_line if trace else None)
+        for chunk in iter_body(response):
+            for event, data in decoder.feed(chunk):
                 if data == "[DONE]":
                     reply["done"] = True
                     break
@@ -623,7 +615,7 @@ def stream_reply(response: requests.Response, out, trace=None) -> dict:
 
 def read_stream_event(event: str, data: str, reply: dict) -> str:
     """The text one stream event adds; records finish_reason and usage in reply."""
-    if not data.strip():
+    if not data:
         return ""  # "data:" alone: an empty event, sent by some servers as a keep-alive
     try:
         chunk = json.loads(data)

@@ -43,7 +43,9 @@ def model_url(tmp_path_factory):
     with open(log, "wb") as log_file:
         server = subprocess.Popen(
             [str(SERVER_PYTHON), "-m", "llama_cpp.server", "--model", str(MODEL), "--host", "127.0.0.1",
-             "--port", str(port), "--n_ctx", "2048", "--verbose", "False"],
+             "--port", str(port), "--n_ctx", "2048", "--verbose", "False",
+             # the chat template inside this GGUF makes the server reply with no tokens at all
+             "--chat_format", "gemma"],
             stdout=log_file, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}/v1"

@@ -48,7 +48,7 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 def decode_all(chunks) -> list[tuple[str, str]]:
     decoder = chat.SSEDecoder()
     events = [event for chunk in chunks for event in decoder.feed(chunk)]
-    return events + decoder.finish()
+    return events
 
 
 def printed_text(events) -> str:

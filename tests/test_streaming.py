@@ -17,7 +17,7 @@ def decode(*chunks: bytes) -> list[tuple[str, str]]:
     events = []
     for chunk in chunks:
         events += decoder.feed(chunk)
-    return events + decoder.finish()
+    return events
 
 
 class TestDecoder:

@@ -1,0 +1,266 @@
+"""Benchmark chat.py against its floor: the Python interpreter plus requests, and the server's pace.
+
+    python tests/benchmark.py            # about a minute on 2 cores
+    python tests/benchmark.py --runs 3   # quicker, noisier
+
+Starts its own OpenAI-compatible emitter on 127.0.0.1 and prints, for each measure, the median
+over several runs of chat.py and of its floor measured in the same run, side by side. Not part
+of the pytest run: tests assert behaviour, this reports ratios.
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = str(ROOT / "chat.py")
+PYTHON = sys.executable
+KEY = "sk-test-not-a-real-key-benchmark"
+ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENAI_API_KEY": KEY, "PYTHONIOENCODING": "utf-8"}
+
+# The course's client, as a floor: one POST with requests, the content printed.
+COURSE_ONE_QUESTION = """
+import requests, sys
+response = requests.post(sys.argv[1] + "/chat/completions",
+                         headers={"Authorization": "Bearer " + sys.argv[2]},
+                         json={"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}]},
+                         timeout=60)
+print(response.json()["choices"][0]["message"]["content"])
+"""
+
+# The course's streaming loop: iter_lines + json.loads + print(flush=True).
+COURSE_STREAM = """
+import json, requests, sys
+response = requests.post(sys.argv[1] + "/chat/completions",
+                         headers={"Authorization": "Bearer " + sys.argv[2]},
+                         json={"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}],
+                               "stream": True},
+                         stream=True, timeout=60)
+for line in response.iter_lines():
+    if line.startswith(b"data: "):
+        data = line[len(b"data: "):]
+        if data == b"[DONE]":
+            break
+        delta = json.loads(data)["choices"][0]["delta"].get("content")
+        if delta:
+            print(delta, end="", flush=True)
+print()
+"""
+
+# The course's image step: open, thumbnail to 1024x1024, JPEG, Base64 (requests imported to send it).
+COURSE_IMAGE = """
+import base64, io, sys, requests
+from PIL import Image
+image = Image.open(sys.argv[1])
+image.thumbnail((1024, 1024))
+buffer = io.BytesIO()
+image.convert("RGB").save(buffer, "JPEG")
+url = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+print(len(url))
+"""
+
+
+# ------------------------------------------------------------------ emitter
+
+
+def delta_event(text: str) -> bytes:
+    payload = {"id": "b", "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+class Emitter:
+    """A tiny OpenAI-compatible server. mode decides the reply; send_times records stream sends."""
+
+    def __init__(self):
+        self.mode = "instant"
+        self.deltas: list[str] = []
+        self.gap = 0.0
+        self.send_times: list[float] = []
+        self.server = socket.create_server(("127.0.0.1", 0), backlog=64)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/v1"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            conn, _ = self.server.accept()
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn):
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            if not json.loads(body).get("stream"):
+                reply = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant", "content": "Hello!"}}]})
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(reply)).encode() + b"\r\nConnection: close\r\n\r\n" + reply.encode())
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            for text in self.deltas:
+                if self.gap:
+                    time.sleep(self.gap)
+                self.send_times.append(time.perf_counter())
+                conn.sendall(chunk(delta_event(text)))
+            conn.sendall(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def run_measured(args: list[str]) -> tuple[float, float, int, bytes]:
+    """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout."""
+    started = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark: {args[:3]} exited with {process.returncode}")
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, out
+
+
+def stream_arrivals(args: list[str], emitter: Emitter) -> tuple[list[float], float]:
+    """Run a streaming client; return arrival time minus send time for each delta, and the
+    time from start to the first byte on stdout. Deltas are "<n>" markers."""
+    emitter.send_times = []
+    started = time.perf_counter()
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+    arrivals, buffer, first_byte = [], b"", None
+    while True:
+        data = os.read(process.stdout.fileno(), 65536)
+        now = time.perf_counter()
+        if not data:
+            break
+        first_byte = first_byte or now - started
+        buffer += data
+        arrivals += [now] * (buffer.count(b">") - len(arrivals))
+    process.wait()
+    return [arrival - sent for arrival, sent in zip(arrivals, emitter.send_times)], first_byte
+
+
+def median_of(runs: int, measure):
+    results = [measure() for _ in range(runs)]
+    return [statistics.median(values) for values in zip(*results)]
+
+
+def make_images(folder: Path) -> tuple[str, str]:
+    """A 6000x4000 photographic JPEG and a 4000x3000 PNG, generated."""
+    from PIL import Image, ImageFilter
+
+    noise = Image.effect_noise((1500, 1000), 64).resize((6000, 4000), Image.BICUBIC)
+    gradient = Image.linear_gradient("L").resize((6000, 4000))
+    photo = Image.merge("RGB", (noise, gradient, Image.effect_mandelbrot((6000, 4000), (-2, -1, 1, 1), 60)))
+    photo = photo.filter(ImageFilter.GaussianBlur(2))
+    jpeg, png = folder / "photo.jpg", folder / "screen.png"
+    photo.save(jpeg, quality=90)
+    photo.resize((4000, 3000)).save(png, compress_level=1)
+    return str(jpeg), str(png)
+
+
+# ------------------------------------------------------------------ report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9, help="runs per measure (default: %(default)s)")
+    runs = parser.parse_args().runs
+    emitter = Emitter()
+    rows = []
+
+    def row(name, ours, floor, unit, target):
+        ratio = ours / floor if floor else float("nan")
+        rows.append((name, f"{ours:.{1 if unit == 'ms' else 0}f} {unit}",
+                     f"{floor:.{1 if unit == 'ms' else 0}f} {unit}", f"{ratio:.2f}x", target))
+        print(f"  {name}: chat.py {ours:.2f} {unit}, floor {floor:.2f} {unit}", file=sys.stderr)
+
+    print(f"benchmark: {runs} runs per measure, Python {sys.version.split()[0]}", file=sys.stderr)
+
+    # 1. startup
+    ours, floor = median_of(runs * 2, lambda: (run_measured([PYTHON, CHAT, "--help"])[0],
+                                               run_measured([PYTHON, "-c", "import requests"])[0]))
+    row("startup: `--help` vs `import requests`", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+
+    # 2. one question against an instant server
+    ours, floor = median_of(runs * 2, lambda: (
+        run_measured([PYTHON, CHAT, "--base-url", emitter.url, "q"])[0],
+        run_measured([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY])[0]))
+    row("one question, wall time", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+
+    # 3. stream latency: 50 deltas 20 ms apart
+    emitter.deltas, emitter.gap = [f"<{n}>" for n in range(50)], 0.020
+
+    def latency(args):
+        lags, first = stream_arrivals(args, emitter)
+        assert len(lags) == 50, f"{len(lags)} deltas arrived"
+        lags.sort()
+        return lags[24] * 1000, lags[47] * 1000, first * 1000
+
+    ours = median_of(runs, lambda: latency([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]))
+    floor = median_of(runs, lambda: latency([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]))
+    row("stream: p50 send-to-stdout lag", ours[0], floor[0], "ms", "p50 < 1 ms")
+    row("stream: p95 send-to-stdout lag", ours[1], floor[1], "ms", "")
+    row("stream: start to first byte", ours[2], floor[2], "ms", "")
+
+    # 4. stream throughput: 20,000 small deltas, awkward characters included
+    pieces = ["word ", "naïve ", "“quoted” ", 'say "hi" ', "back\\slash ", "new\nline ", "日本 ", "☕ "]
+    emitter.deltas, emitter.gap = [pieces[n % len(pieces)] for n in range(20_000)], 0.0
+    expected = "".join(emitter.deltas).encode() + b"\n"
+
+    def cpu(args):
+        wall, cpu_seconds, _, out = run_measured(args)
+        assert out == expected, "output differs from what was sent"
+        return (cpu_seconds,)
+
+    ours = median_of(runs, lambda: cpu([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]))
+    floor = median_of(runs, lambda: cpu([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]))
+    row("stream: 20,000 deltas, process CPU", ours[0] * 1000, floor[0] * 1000, "ms", "<= 1.00x")
+
+    # 5. image preparation (--curl prepares the body and sends nothing)
+    with tempfile.TemporaryDirectory() as folder:
+        jpeg, png = make_images(Path(folder))
+        for label, path in (("6000x4000 JPEG", jpeg), ("4000x3000 PNG", png)):
+            def image(args, course=False):
+                wall, _, rss, out = run_measured(args)
+                size = int(out) if course else len(out.split(b"<<'JSON'\n", 1)[1])
+                return wall, rss, size
+
+            ours = median_of(max(3, runs // 2), lambda: image([PYTHON, CHAT, "--curl", "--image", path, "q"]))
+            floor = median_of(max(3, runs // 2), lambda: image([PYTHON, "-c", COURSE_IMAGE, path], True))
+            row(f"image {label}: wall time", ours[0] * 1000, floor[0] * 1000, "ms", "< 1.00x (JPEG)")
+            row(f"image {label}: peak RSS", ours[1], floor[1], "MiB", "< 1.00x (JPEG)")
+            row(f"image {label}: request size", ours[2] / 1024, floor[2] / 1024, "KiB", "")
+
+    width = max(len(name) for name, *_ in rows)
+    print(f"\n| {'measure':<{width}} | chat.py | floor | ratio | target |")
+    print(f"|{'-' * (width + 2)}|--------:|------:|------:|--------|")
+    for name, ours, floor, ratio, target in rows:
+        print(f"| {name:<{width}} | {ours} | {floor} | {ratio} | {target} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
