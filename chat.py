@@ -24,9 +24,7 @@ The reply goes to stdout; warnings and errors go to stderr. Exit codes:
 
 import argparse
 import base64
-import copy
 import email.utils
-import html
 import http.client
 import io
 import ipaddress
@@ -109,7 +107,8 @@ class ApiError(ChatError):
 def build_question(words: list[str], piped: str | None) -> str:
     """Join the question words; piped text follows the question after a blank line."""
     question = " ".join(words).strip()
-    piped = (piped or "").strip()
+    # Keep the indentation of piped text's first line; drop blank lines around it.
+    piped = (piped or "").rstrip().lstrip("\r\n")
     if question and piped:
         return f"{question}\n\n{piped}"
     return question or piped
@@ -257,7 +256,7 @@ def encode_image_file(path: str, detail: str | None) -> str:
             # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image = shrink_image(image, detail, ImageOps)
+                image = ImageOps.exif_transpose(shrink_image(image, detail))
                 mime, data = encode_image(image)
     except Image.UnidentifiedImageError:
         raise UsageError(f"cannot decode image {path}: not an image format Pillow knows") from None
@@ -272,8 +271,11 @@ def encode_image_file(path: str, detail: str | None) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def shrink_image(image, detail: str | None, image_ops):
-    """Downscale (never upscale) to fit_size, then apply the EXIF orientation."""
+def shrink_image(image, detail: str | None):
+    """Downscale (never upscale) to fit_size, working in the stored orientation so that
+    the image shown after the EXIF rotation is the size fit_size chose."""
+    from PIL import Image
+
     orientation = image.getexif().get(0x0112, 1)
     turned = orientation in (5, 6, 7, 8)  # these orientations swap width and height
     shown_size = image.size[::-1] if turned else image.size
@@ -282,8 +284,8 @@ def shrink_image(image, detail: str | None, image_ops):
     if stored_target != image.size:
         # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target.
         image.draft(None, stored_target)
-        image = image.resize(stored_target, resample=3)  # 3 = Image.BICUBIC
-    return image_ops.exif_transpose(image)
+        image = image.resize(stored_target, Image.Resampling.BICUBIC)
+    return image
 
 
 def encode_image(image) -> tuple[str, bytes]:
@@ -455,7 +457,7 @@ def error_snippet(response: requests.Response) -> str:
     if title:
         text = title.group(1)
     text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", text, flags=re.I | re.S)
-    text = " ".join(html.unescape(text).split())
+    text = " ".join(text.split())
     if len(text) > ERROR_SNIPPET_CHARS:
         text = text[:ERROR_SNIPPET_CHARS].rstrip() + "…"
     return text
@@ -473,7 +475,8 @@ def read_reply(response: requests.Response) -> dict:
     if not isinstance(payload, dict):
         raise ApiError("unexpected reply from the server: not a JSON object")
     if "error" in payload and "choices" not in payload:
-        raise ApiError(f"the server reported an error: {error_payload(response).get('message')}")
+        message = error_payload(response).get("message") or error_snippet(response)
+        raise ApiError(f"the server reported an error: {message}")
     choices = payload.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         raise ApiError("unexpected reply from the server: no choices")
@@ -513,8 +516,6 @@ class SSEDecoder:
     taken for a line break.
     """
 
-    LINE_END = re.compile(rb"\r\n|\r|\n")
-
     def __init__(self, on_line=None):
         self.on_line = on_line  # called with each raw line, for the -v trace
         self.pending = b""
@@ -528,13 +529,16 @@ class SSEDecoder:
         if self.after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
         self.after_cr = chunk.endswith(b"\r")
-        *lines, self.pending = self.LINE_END.split(self.pending + chunk)
+        # bytes.splitlines() breaks at LF, CRLF and CR only (str.splitlines() knows more)
+        lines = (self.pending + chunk).splitlines(keepends=True)
+        complete = lines and lines[-1].endswith((b"\n", b"\r"))
+        self.pending = b"" if complete or not lines else lines.pop()
         if lines and not self.started:
             self.started = True
             lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # the spec strips one BOM
         events = []
         for line in lines:
-            text = line.decode("utf-8", "replace")
+            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
             if self.on_line:
                 self.on_line(text)
             event = self.decode_line(text)
@@ -728,12 +732,12 @@ def elide_data_urls(value):
     return value
 
 
-def curl_command(url: str, body: dict, key: str, stream: bool) -> str:
+def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
     """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
     lines = [f"curl {'-N ' if stream else ''}{shlex.quote(url)}"]
     lines.append("-H 'Content-Type: application/json'")
     lines.append(f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}")
-    if key:
+    if send_key:
         lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
     lines.append("--data-binary @- <<'JSON'")
     # A pretty-printed JSON document never has a line that is only JSON.
@@ -929,8 +933,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CHAT_PY_TRACEBACK"):
             raise
         status, message = explain_error(exc, timeout)
-        print(f"error: {one_line(redact(message, key))}", file=sys.stderr)
+        print_error(message, key)
         return status
+
+
+def print_error(message: str, key: str) -> None:
+    print(f"error: {one_line(redact(message, key))}", file=sys.stderr)
 
 
 def silence_stdout() -> None:
@@ -966,7 +974,8 @@ def run(args: argparse.Namespace, key: str) -> int:
 
     if args.curl:
         messages = build_messages([], build_user_message(question, image_urls, detail), args.system)
-        print(curl_command(url, make_body(messages), key, stream))
+        send_key = bool(key) or is_openai_host(base_url)
+        print(curl_command(url, make_body(messages), send_key, stream))
         return ExitStatus.OK
 
     with requests.Session() as session:
@@ -1037,8 +1046,8 @@ def converse(ask, model: str, base_url: str, system: str | None, image_urls: lis
         elif not line:
             continue
         else:
-            first_turn = not history and last_question is None
-            user_message = build_user_message(line, image_urls if first_turn else [], detail)
+            # --image goes with the first question that gets an answer (again after /reset)
+            user_message = build_user_message(line, [] if history else image_urls, detail)
         last_question = user_message
         try:
             reply = ask(build_messages(history, user_message, system))
@@ -1046,8 +1055,7 @@ def converse(ask, model: str, base_url: str, system: str | None, image_urls: lis
             sys.stdout.write("\n")  # the partial reply stays; the turn is not kept
             continue
         except (ChatError, requests.RequestException) as exc:
-            print(f"error: {one_line(redact(explain_error(exc, timeout)[1], key))} (/retry to ask again)",
-                  file=sys.stderr)
+            print_error(f"{explain_error(exc, timeout)[1]} (/retry to ask again)", key)
             continue
         history += [user_message, {"role": "assistant", "content": reply["text"]}]
 

@@ -17,6 +17,7 @@ class TestBuildQuestion:
             (["  spaced  "], "   \n", "spaced"),
             ([], None, ""),
             ([" ", ""], "\n\t", ""),
+            (["Explain"], "\n\n    indented()\n    code()\n\n", "Explain\n\n    indented()\n    code()"),
         ],
     )
     def test_joins_question_and_stdin(self, words, piped, expected):

@@ -98,6 +98,7 @@ class TestCurl:
         assert printed.code == 0
         assert printed.out.startswith("curl https://api.openai.com/v1/chat/completions")
         assert '"max_completion_tokens": 5' in printed.out
+        assert '-H "Authorization: Bearer $OPENAI_API_KEY"' in printed.out
 
 
 def script_metadata(text: str) -> str:
