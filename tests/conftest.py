@@ -64,8 +64,8 @@ def completion(content="Hello!", finish_reason="stop", **message):
     }
 
 
-def chunk_event(content=None, finish_reason=None, role=None) -> bytes:
-    """One `data:` event of a streamed completion."""
+def chunk_event(content=None, finish_reason=None, role=None, ascii_only=True) -> bytes:
+    """One `data:` event of a streamed completion (with ascii_only=False, raw UTF-8 in the JSON)."""
     delta = {}
     if role:
         delta["role"] = role
@@ -73,7 +73,7 @@ def chunk_event(content=None, finish_reason=None, role=None) -> bytes:
         delta["content"] = content
     payload = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"data: " + json.dumps(payload, ensure_ascii=ascii_only).encode() + b"\n\n"
 
 
 def stream_events(*texts: str) -> bytes:

@@ -48,6 +48,7 @@ class TestDecoder:
 
     def test_crlf_split_across_reads_is_one_line_end(self):
         assert decode(b"data: a\r", b"\n\r", b"\n") == [("", "a")]
+        assert decode(b"data: a\r", b"\ndata: b\r\n\r\n") == [("", "a\nb")]
 
     def test_multibyte_character_split_across_reads(self):
         data = "data: {\"c\": \"日本語 ☕\"}\n\n".encode()
@@ -141,8 +142,14 @@ class TestStreamingCli:
             hold.set()
         assert (done.code, done.out, done.err) == (0, "quick\n", "")
 
+    def test_nothing_after_done_is_shown(self, run_chat, raw_server):
+        url, _ = sse_server(raw_server, chunk_event("shown") + b"data: [DONE]\n\n" + chunk_event("hidden"))
+        done = run_chat("--base-url", url, "--stream", "hi")
+        assert (done.code, done.out, done.err) == (0, "shown\n", "")
+
     def test_utf8_without_charset_split_inside_characters(self, run_chat, raw_server):
-        event = chunk_event("日本語 café ☕ \u2028 end")
+        event = chunk_event("日本語 café ☕ \u2028 end", ascii_only=False)
+        assert "日本語".encode() in event  # raw UTF-8 on the wire, not \\u escapes
         pieces = [event[i:i + 3] for i in range(0, len(event), 3)]
         url, _ = sse_server(raw_server, *pieces, b"data: [DONE]\n\n")
         done = run_chat("--base-url", url, "--stream", "hi", env={"PYTHONIOENCODING": "utf-8"})
