@@ -1,6 +1,8 @@
 """Server-Sent Events: the decoder on its own, then --stream end to end over raw sockets."""
 
 import json
+import os
+import select
 import subprocess
 import sys
 import threading
@@ -83,6 +85,27 @@ def sse_server(raw_server, *pieces, hold: threading.Event | None = None, head=SS
     return raw_server(handler)
 
 
+def read_in_two_parts(url, tmp_path, first_part: bytes, release: threading.Event):
+    """Run chat.py --stream; read first_part from its stdout while the server still holds back
+    the rest, then let the server go on. Returns (first read, rest, stderr, exit code)."""
+    process = subprocess.Popen(
+        [sys.executable, str(CHAT), "--base-url", url, "--stream", "hi"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": FAKE_KEY},
+    )
+    try:
+        first, deadline = b"", time.monotonic() + 5
+        while len(first) < len(first_part) and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 0.1)[0]:
+                first += os.read(process.stdout.fileno(), 1024)
+        release.set()
+        rest, err = process.communicate(timeout=20)
+    finally:
+        release.set()
+        process.kill()
+    return first, rest, err, process.returncode
+
+
 class TestStreamingCli:
     def test_deltas_are_printed_and_the_body_asks_to_stream(self, run_chat, raw_server):
         url, received = sse_server(raw_server, stream_events("Hel", "lo, ", "wörld"))
@@ -94,20 +117,7 @@ class TestStreamingCli:
         release = threading.Event()
         url, _ = sse_server(raw_server, chunk_event("first "), release,
                             chunk_event("second") + b"data: [DONE]\n\n")
-        process = subprocess.Popen(
-            [sys.executable, str(CHAT), "--base-url", url, "--stream", "hi"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": FAKE_KEY},
-        )
-        try:
-            first = process.stdout.read(len("first "))  # arrives while the server still waits
-            assert first == b"first "
-            release.set()
-            rest, err = process.communicate(timeout=20)
-        finally:
-            release.set()
-            process.kill()
-        assert (rest, err, process.returncode) == (b"second\n", b"", 0)
+        assert read_in_two_parts(url, tmp_path, b"first ", release) == (b"first ", b"second\n", b"", 0)
 
     @pytest.mark.parametrize(
         "name, raw",
@@ -206,19 +216,7 @@ class TestStreamingCli:
         release = threading.Event()
         url, _ = sse_server(raw_server, chunk_event("early "), release, stream_events("late"),
                             head=head)
-        process = subprocess.Popen(
-            [sys.executable, str(CHAT), "--base-url", url, "--stream", "hi"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-            env={"PATH": "/usr/bin:/bin"},
-        )
-        try:
-            assert process.stdout.read(len("early ")) == b"early "
-            release.set()
-            rest, err = process.communicate(timeout=20)
-        finally:
-            release.set()
-            process.kill()
-        assert (rest, err, process.returncode) == (b"late\n", b"", 0)
+        assert read_in_two_parts(url, tmp_path, b"early ", release) == (b"early ", b"late\n", b"", 0)
 
     def test_an_unfinished_last_event_is_not_shown(self, run_chat, raw_server):
         # The spec discards an event the stream cut off before its blank line.
