@@ -564,19 +564,21 @@ class SSEDecoder:
 
 
 def iter_body(response: requests.Response):
-    """Yield the body's bytes as soon as they arrive, whether chunked or not.
+    """Yield the body's bytes as soon as they arrive, chunked or not.
 
-    With chunked encoding, iter_content(chunk_size=None) yields each chunk as it
-    comes. Without it, iter_content would wait for the whole body, so read1() is
-    called on the raw stream instead, its errors turned into the ones requests
-    raises for iter_content.
+    Reads urllib3's response directly (iter_content(chunk_size=None) would wait for
+    the whole body when it is not chunked), so its errors are turned here into the
+    ones requests raises, with the request attached for the error message.
     """
-    if response.raw.chunked or not hasattr(response.raw, "read1"):  # read1: urllib3 2.3+
-        yield from response.iter_content(chunk_size=None)
-        return
+    raw = response.raw
     try:
-        while chunk := response.raw.read1(READ_SIZE, decode_content=True):
-            yield chunk
+        if raw.chunked:
+            yield from raw.read_chunked(decode_content=True)  # each chunk as it comes
+        elif hasattr(raw, "read1"):  # urllib3 2.3+
+            while chunk := raw.read1(READ_SIZE, decode_content=True):
+                yield chunk
+        else:  # older urllib3: waits for READ_SIZE bytes or the end of the body
+            yield from raw.stream(READ_SIZE, decode_content=True)
     except urllib3.exceptions.ReadTimeoutError as exc:
         raise requests.ReadTimeout(exc, request=response.request) from None
     except urllib3.exceptions.ProtocolError as exc:
