@@ -315,7 +315,7 @@ def has_transparency(image) -> bool:
 # ------------------------------------------------------------- transport
 
 
-def post_with_retries(
+def fetch_reply(
     session: requests.Session,
     url: str,
     body: dict,
@@ -323,11 +323,13 @@ def post_with_retries(
     key: str,
     timeout: float,
     retries: int,
-    stream: bool,
+    out,
     trace=None,
-) -> requests.Response:
-    """POST the body; retry what a retry can fix; return a 2xx response or raise."""
+) -> dict:
+    """POST the body and read the reply, streaming it to out when the body asks to stream.
+    Retry what a retry can fix, as long as nothing has been printed."""
     for attempt in range(retries + 1):
+        reply = {"text": "", "finish_reason": None, "usage": None, "done": False, "printed": False}
         try:
             response = session.post(
                 url,
@@ -335,15 +337,19 @@ def post_with_retries(
                 headers={"User-Agent": USER_AGENT},
                 auth=bearer_auth(key) if key else None,
                 timeout=timeout,
-                stream=stream,
+                stream=body.get("stream", False),
             )
             if trace:
                 trace.exchange(response)
-            if response.status_code < 400:
-                return response
-            raise api_error(response)
+            if response.status_code >= 400:
+                raise api_error(response)
+            if body.get("stream"):
+                stream_reply(response, out, reply, trace)
+            else:
+                reply.update(read_reply(response))
+            return reply
         except (ApiError, requests.RequestException) as exc:
-            wait = retry_wait(exc, attempt, retries)
+            wait = None if reply["printed"] else retry_wait(exc, attempt, retries)
             if wait is None:
                 raise
             warn(redact(f"{explain_error(exc, timeout)[1]}; retrying in {wait:.1f} s "
@@ -589,9 +595,9 @@ def iter_body(response: requests.Response):
         raise requests.exceptions.ContentDecodingError(exc, request=response.request) from None
 
 
-def stream_reply(response: requests.Response, out, trace=None) -> dict:
-    """Print a streamed reply's text as it arrives; return text, finish_reason, usage and done."""
-    reply = {"text": "", "finish_reason": None, "usage": None, "done": False}
+def stream_reply(response: requests.Response, out, reply: dict, trace=None) -> None:
+    """Print a streamed reply's text as it arrives; fill in reply's text, finish_reason,
+    usage, done (saw [DONE]) and printed (some text went out before a failure)."""
     parts = []
     try:
         decoder = SSEDecoder(trace.sse_line if trace else None)
@@ -601,8 +607,9 @@ def stream_reply(response: requests.Response, out, trace=None) -> dict:
                     reply["done"] = True
                     break
                 text = read_stream_event(event, data, reply)
-                out.write(text)
-                parts.append(text)
+                if text:
+                    out.write(text)
+                    parts.append(text)
             # One flush per network read, not per delta: the text that has arrived is
             # on screen before the next wait, with a fraction of the write calls.
             out.flush()
@@ -610,13 +617,13 @@ def stream_reply(response: requests.Response, out, trace=None) -> dict:
                 break
     except Exception:
         if parts:
+            reply["printed"] = True
             out.write("\n")  # end the partial line so the error starts on its own
             out.flush()
         raise
     finally:
         response.close()
     reply["text"] = "".join(parts)
-    return reply
 
 
 def read_stream_event(event: str, data: str, reply: dict) -> str:
@@ -984,16 +991,12 @@ def run(args: argparse.Namespace, key: str) -> int:
 
         def ask(messages: list[dict]) -> dict:
             trace = Trace(key, sys.stderr) if args.verbose else None
-            response = post_with_retries(session, url, make_body(messages), key=key,
-                                         timeout=args.timeout, retries=args.retries,
-                                         stream=stream, trace=trace)
-            if stream:
-                reply = stream_reply(response, sys.stdout, trace)
-                if not reply["done"] and not reply["finish_reason"]:
-                    warn("the stream ended before the reply was complete")
-            else:
-                reply = read_reply(response)
+            reply = fetch_reply(session, url, make_body(messages), key=key, timeout=args.timeout,
+                                retries=args.retries, out=sys.stdout, trace=trace)
+            if not stream:
                 sys.stdout.write(reply["text"])
+            elif not reply["done"] and not reply["finish_reason"]:
+                warn("the stream ended before the reply was complete")
             sys.stdout.write("\n")
             sys.stdout.flush()
             if trace:

@@ -146,6 +146,19 @@ class TestRetries:
             f"error: cannot reach 127.0.0.1:{port}: Connection refused",
         ]
 
+    def test_a_stream_that_breaks_before_any_text_is_retried(self, call_main, raw_server):
+        def role_then_reset(conn):
+            conn.sendall(SSE_HEAD + chunked(chunk_event(role="assistant", content="")))
+            nap(0.2)
+            reset(conn)
+
+        stream = SSE_HEAD + chunked(stream_events("second ", "try")) + END_CHUNKS
+        url, received = raw_server(in_turn(role_then_reset, stream))
+        done = call_main("--base-url", url, "--stream", "q")
+        assert (done.code, done.out) == (0, "second try\n")
+        assert len(received) == 2
+        assert done.err.startswith("warning: the connection to ") and "(attempt 2 of 3)" in done.err
+
     def test_no_retry_once_the_stream_has_printed(self, call_main, raw_server):
         def half_then_reset(conn):
             conn.sendall(SSE_HEAD + chunked(chunk_event("half ")))
