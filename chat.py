@@ -656,11 +656,14 @@ def read_stream_event(event: str, data: str, reply: dict) -> str:
     return content if isinstance(content, str) else ""
 
 
-def finish_warning(finish_reason: str | None) -> str | None:
-    if finish_reason == "length":
+def reply_warning(reply: dict, streamed: bool) -> str | None:
+    """What to tell the user about a reply that may not be whole."""
+    if reply["finish_reason"] == "length":
         return "the reply was cut off at the token limit (finish_reason: length)"
-    if finish_reason == "content_filter":
+    if reply["finish_reason"] == "content_filter":
         return "the reply was cut off by the content filter (finish_reason: content_filter)"
+    if streamed and not reply["done"] and not reply["finish_reason"]:
+        return "the stream ended before the reply was complete"
     return None
 
 
@@ -961,7 +964,6 @@ def run(args: argparse.Namespace, key: str) -> int:
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     model = args.model or os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL
     check_base_url(base_url)
-    detail = args.detail
     piped = read_piped_stdin(sys.stdin)
     question = build_question(args.question, piped)
     interactive = not question and piped is None and not args.curl
@@ -973,16 +975,17 @@ def run(args: argparse.Namespace, key: str) -> int:
         raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
                          "(see .env.example)")
     url = completions_url(base_url)
-    if key and urlsplit(url).scheme == "http" and not is_loopback(urlsplit(url).hostname):
-        warn(f"sending the API key unencrypted to {urlsplit(url).netloc} over http://")
-    image_urls = [image_url(source, detail) for source in args.image]
+    where = urlsplit(url)
+    if key and where.scheme == "http" and not is_loopback(where.hostname):
+        warn(f"sending the API key unencrypted to {where.netloc} over http://")
+    image_urls = [image_url(source, args.detail) for source in args.image]
     stream = args.stream if args.stream is not None else interactive
 
     def make_body(messages: list[dict]) -> dict:
         return build_body(model, messages, base_url, args.temperature, args.max_tokens, stream)
 
     if args.curl:
-        messages = build_messages([], build_user_message(question, image_urls, detail), args.system)
+        messages = build_messages([], build_user_message(question, image_urls, args.detail), args.system)
         send_key = bool(key) or is_openai_host(base_url)
         print(curl_command(url, make_body(messages), send_key, stream))
         return ExitStatus.OK
@@ -995,20 +998,19 @@ def run(args: argparse.Namespace, key: str) -> int:
                                 retries=args.retries, out=sys.stdout, trace=trace)
             if not stream:
                 sys.stdout.write(reply["text"])
-            elif not reply["done"] and not reply["finish_reason"]:
-                warn("the stream ended before the reply was complete")
             sys.stdout.write("\n")
             sys.stdout.flush()
             if trace:
                 trace.summary(reply["usage"])
-            warning = finish_warning(reply["finish_reason"])
+            warning = reply_warning(reply, stream)
             if warning:
                 warn(warning)
             return reply
 
         if interactive:
-            return converse(ask, model, base_url, args.system, image_urls, detail, args.timeout, key)
-        user_message = build_user_message(question, image_urls, detail)
+            return converse(ask, model, base_url, args.system, image_urls, args.detail,
+                            args.timeout, key)
+        user_message = build_user_message(question, image_urls, args.detail)
         ask(build_messages([], user_message, args.system))
     return ExitStatus.OK
 
