@@ -535,38 +535,31 @@ class SSEDecoder:
         if self.after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
         self.after_cr = chunk.endswith(b"\r")
-        # bytes.splitlines() breaks at LF, CRLF and CR only (str.splitlines() knows more)
-        lines = (self.pending + chunk).splitlines(keepends=True)
-        complete = lines and lines[-1].endswith((b"\n", b"\r"))
-        self.pending = b"" if complete or not lines else lines.pop()
+        data = self.pending + chunk
+        lines = data.splitlines()  # at LF, CRLF and CR only: str.splitlines() knows more breaks
+        unfinished = lines and not data.endswith((b"\n", b"\r"))
+        self.pending = lines.pop() if unfinished else b""
         if lines and not self.started:
             self.started = True
             lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # the spec strips one BOM
         events = []
         for line in lines:
-            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            text = line.decode("utf-8", "replace")
             if self.on_line:
                 self.on_line(text)
-            event = self.decode_line(text)
-            if event:
-                events.append(event)
+            if not text:  # a blank line dispatches the event
+                if self.data:
+                    events.append((self.event, "\n".join(self.data)))
+                self.event, self.data = "", []
+            elif not text.startswith(":"):  # a colon first makes a comment
+                field, _, value = text.partition(":")
+                value = value.removeprefix(" ")
+                if field == "data":
+                    self.data.append(value)
+                elif field == "event":
+                    self.event = value
+                # "id" and "retry" only matter to a client that reconnects; this one does not.
         return events
-
-    def decode_line(self, line: str) -> tuple[str, str] | None:
-        if not line:
-            event, data = self.event, self.data
-            self.event, self.data = "", []
-            return (event, "\n".join(data)) if data else None
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "data":
-            self.data.append(value)
-        elif field == "event":
-            self.event = value
-        # "id" and "retry" only matter to a client that reconnects; this one does not.
-        return None
 
 
 def iter_body(response: requests.Response):
@@ -640,20 +633,17 @@ def read_stream_event(event: str, data: str, reply: dict) -> str:
         error = chunk.get("error", chunk)
         message = error.get("message") if isinstance(error, dict) else error
         raise ApiError(f"the server reported an error mid-stream: {message or data}")
-    if isinstance(chunk.get("usage"), dict):
+    if chunk.get("usage"):
         reply["usage"] = chunk["usage"]
-    choices = chunk.get("choices")
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        return ""
-    if choices[0].get("finish_reason"):
-        reply["finish_reason"] = choices[0]["finish_reason"]
-    delta = choices[0].get("delta")
-    if not isinstance(delta, dict):
-        return ""
-    content = delta.get("content")
-    if not isinstance(content, str):
-        content = delta.get("refusal")
-    return content if isinstance(content, str) else ""
+    try:
+        choice = chunk["choices"][0]
+        if choice.get("finish_reason"):
+            reply["finish_reason"] = choice["finish_reason"]
+        delta = choice["delta"]
+        text = delta.get("content") or delta.get("refusal")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return ""  # no choices (a usage chunk, a keep-alive) or no delta: nothing to print
+    return text if isinstance(text, str) else ""
 
 
 def reply_warning(reply: dict, streamed: bool) -> str | None:

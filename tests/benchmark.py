@@ -2,6 +2,7 @@
 
     python tests/benchmark.py            # about a minute on 2 cores
     python tests/benchmark.py --runs 3   # quicker, noisier
+    python tests/benchmark.py --instructions   # also count instructions with valgrind (+1 min)
 
 Starts its own OpenAI-compatible emitter on 127.0.0.1 and prints, for each measure, the median
 over several runs of chat.py and of its floor measured in the same run, side by side. Not part
@@ -13,6 +14,8 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -162,6 +165,14 @@ def stream_arrivals(args: list[str], emitter: Emitter) -> tuple[list[float], flo
     return [arrival - sent for arrival, sent in zip(arrivals, emitter.send_times)], first_byte
 
 
+def instructions(args: list[str]) -> int:
+    """Instructions the command executes, counted by valgrind's callgrind: unlike CPU time,
+    the same on every run, whatever else the machine is doing."""
+    done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+    return int(re.search(rb"Collected : (\d+)", done.stderr).group(1))
+
+
 def median_of(runs: int, measure):
     results = [measure() for _ in range(runs)]
     return [statistics.median(values) for values in zip(*results)]
@@ -194,14 +205,20 @@ def make_images(folder: Path) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9, help="runs per measure (default: %(default)s)")
-    runs = parser.parse_args().runs
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions for start-up and the 20,000-delta stream (valgrind)")
+    options = parser.parse_args()
+    runs = options.runs
+    if options.instructions and not shutil.which("valgrind"):
+        parser.error("--instructions needs valgrind")
     emitter = Emitter()
     rows = []
 
     def row(name, ours, floor, unit, target):
         ratio = ours / floor if floor else float("nan")
-        rows.append((name, f"{ours:.{1 if unit == 'ms' else 0}f} {unit}",
-                     f"{floor:.{1 if unit == 'ms' else 0}f} {unit}", f"{ratio:.2f}x", target))
+        digits = 1 if unit == "ms" else 0
+        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{floor:,.{digits}f} {unit}",
+                     f"{ratio:.2f}x", target))
         print(f"  {name}: chat.py {ours:.2f} {unit}, floor {floor:.2f} {unit}", file=sys.stderr)
 
     print(f"benchmark: {runs} runs per measure, Python {sys.version.split()[0]}", file=sys.stderr)
@@ -210,6 +227,9 @@ def main() -> int:
     ours, floor = median_of(runs * 2, lambda: (run_measured([PYTHON, CHAT, "--help"])[0],
                                                run_measured([PYTHON, "-c", "import requests"])[0]))
     row("startup: `--help` vs `import requests`", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+    if options.instructions:
+        row("startup: instructions", instructions([PYTHON, CHAT, "--help"]) / 1e6,
+            instructions([PYTHON, "-c", "import requests"]) / 1e6, "M", "")
 
     # 2. one question against an instant server
     ours, floor = median_of(runs * 2, lambda: (
@@ -245,6 +265,10 @@ def main() -> int:
     ours = median_of(runs, lambda: cpu([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]))
     floor = median_of(runs, lambda: cpu([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]))
     row("stream: 20,000 deltas, process CPU", ours[0] * 1000, floor[0] * 1000, "ms", "<= 1.00x")
+    if options.instructions:
+        row("stream: 20,000 deltas, instructions",
+            instructions([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]) / 1e6,
+            instructions([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]) / 1e6, "M", "<= 1.00x")
 
     # 5. image preparation (--curl prepares the body and sends nothing)
     with tempfile.TemporaryDirectory() as folder:
