@@ -29,6 +29,7 @@ import http.client
 import io
 import ipaddress
 import json
+import math
 import os
 import random
 import re
@@ -388,23 +389,26 @@ def backoff_delay(attempt: int, rand=random.random) -> float:
 
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait (retry-after-ms, or Retry-After in seconds or as a date)."""
+    """Seconds the server asks us to wait: retry-after-ms, else Retry-After in seconds or as an
+    HTTP date; None when it says nothing usable."""
+    for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
+        try:
+            seconds = float(headers.get(name) or "") / per_second
+        except ValueError:
+            continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
     try:
-        return max(0.0, float(headers["retry-after-ms"]) / 1000)
-    except (KeyError, TypeError, ValueError):
-        pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
+        when = email.utils.parsedate_to_datetime(headers.get("retry-after") or "").timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
+
+
+def clock_after(seconds: float) -> str:
+    """The local time `seconds` from now, as a clock shows it (with the date when not today)."""
+    when = time.localtime(time.time() + min(seconds, 10**9))  # localtime() overflows on absurd waits
+    return time.strftime("%Y-%m-%d %H:%M:%S" if seconds > 12 * 3600 else "%H:%M:%S", when)
 
 
 def api_error(response: requests.Response) -> ApiError:
@@ -413,8 +417,7 @@ def api_error(response: requests.Response) -> ApiError:
     error = error_payload(response)
     message = error.get("message") or error_snippet(response)
     text = f"{status}: {message}" if message and message.lower() not in status.lower() else status
-    code = f"{error.get('code')} {error.get('type')}"
-    if "insufficient_quota" in code:
+    if "insufficient_quota" in (error.get("code"), error.get("type")):
         return ApiError(f"{text} (the account is out of quota: add credit, retrying will not help)")
     if response.status_code == 404:
         text += " (requests go to BASE_URL/chat/completions: check --base-url and --model)"
@@ -425,8 +428,8 @@ def api_error(response: requests.Response) -> ApiError:
         retryable = response.status_code in RETRY_STATUSES or response.status_code >= 500
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
-        resume = time.strftime("%H:%M:%S", time.localtime(time.time() + wait))
-        return ApiError(f"{text} (the server asks to wait {wait:.0f} s: try again after {resume})")
+        return ApiError(f"{text} (the server asks to wait {wait:.0f} s: "
+                        f"try again after {clock_after(wait)})")
     return ApiError(text, retryable=retryable, retry_after=wait)
 
 

@@ -145,6 +145,9 @@ class TestRetryTiming:
             ({"retry-after": email.utils.formatdate(NOW + 30, usegmt=True)}, 30.0),
             ({"retry-after": email.utils.formatdate(NOW - 30, usegmt=True)}, 0.0),
             ({"retry-after": "not a date"}, None),
+            ({"retry-after": "nan"}, None),
+            ({"retry-after-ms": "inf", "retry-after": "2"}, 2.0),
+            ({"retry-after": "1e400"}, None),
         ],
     )
     def test_parse_retry_after(self, headers, expected):

@@ -103,6 +103,12 @@ class TestRetries:
         assert done.code == 1 and len(received) == 1 and call_main.waits == []
         assert "slow down" in done.err and "600 s" in done.err and "try again after" in done.err
 
+    def test_an_absurd_wait_is_explained_too(self, call_main, raw_server):
+        url, received = raw_server(in_turn(error(503, headers="Retry-After: 99999999999999\r\n")))
+        done = call_main("--base-url", url, "q")
+        assert done.code == 1 and len(received) == 1
+        assert done.err.startswith("error: HTTP 503 Service Unavailable: try later (the server asks ")
+
     def test_x_should_retry_false_wins(self, call_main, raw_server):
         url, received = raw_server(in_turn(error(503, headers="x-should-retry: false\r\n"), OK))
         assert call_main("--base-url", url, "q").code == 1
