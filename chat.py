@@ -327,10 +327,11 @@ def fetch_reply(
     out,
     trace=None,
 ) -> dict:
-    """POST the body and read the reply, streaming it to out when the body asks to stream.
+    """POST the body and read the reply, printing it to out as it arrives when it is streamed.
     Retry what a retry can fix, as long as nothing has been printed."""
     for attempt in range(retries + 1):
-        reply = {"text": "", "finish_reason": None, "usage": None, "done": False, "printed": False}
+        reply = {"text": "", "finish_reason": None, "usage": None,
+                 "streamed": False, "done": False, "printed": False}
         try:
             response = session.post(
                 url,
@@ -338,13 +339,13 @@ def fetch_reply(
                 headers={"User-Agent": USER_AGENT},
                 auth=bearer_auth(key) if key else None,
                 timeout=timeout,
-                stream=body.get("stream", False),
+                stream=True,  # return at the headers; the body is read below
             )
             if trace:
                 trace.exchange(response)
             if response.status_code >= 400:
                 raise api_error(response)
-            if body.get("stream"):
+            if is_event_stream(response, asked=body.get("stream", False)):
                 stream_reply(response, out, reply, trace)
             else:
                 reply.update(read_reply(response))
@@ -357,6 +358,15 @@ def fetch_reply(
                         f"(attempt {attempt + 2} of {retries + 1})", key))
             time.sleep(wait)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def is_event_stream(response: requests.Response, asked: bool) -> bool:
+    """Whether the body is Server-Sent Events: what its Content-Type says, else what we asked for.
+    (Some servers answer a streaming request with one JSON reply, or the other way round.)"""
+    content_type = response.headers.get("Content-Type", "")
+    if "text/event-stream" in content_type:
+        return True
+    return asked and "json" not in content_type
 
 
 def retry_wait(exc: Exception, attempt: int, retries: int) -> float | None:
@@ -594,6 +604,7 @@ def iter_body(response: requests.Response):
 def stream_reply(response: requests.Response, out, reply: dict, trace=None) -> None:
     """Print a streamed reply's text as it arrives; fill in reply's text, finish_reason,
     usage, done (saw [DONE]) and printed (some text went out before a failure)."""
+    reply["streamed"] = True
     parts = []
     try:
         decoder = SSEDecoder(trace.sse_line if trace else None)
@@ -649,13 +660,13 @@ def read_stream_event(event: str, data: str, reply: dict) -> str:
     return text if isinstance(text, str) else ""
 
 
-def reply_warning(reply: dict, streamed: bool) -> str | None:
+def reply_warning(reply: dict) -> str | None:
     """What to tell the user about a reply that may not be whole."""
     if reply["finish_reason"] == "length":
         return "the reply was cut off at the token limit (finish_reason: length)"
     if reply["finish_reason"] == "content_filter":
         return "the reply was cut off by the content filter (finish_reason: content_filter)"
-    if streamed and not reply["done"] and not reply["finish_reason"]:
+    if reply["streamed"] and not reply["done"] and not reply["finish_reason"]:
         return "the stream ended before the reply was complete"
     return None
 
@@ -989,13 +1000,13 @@ def run(args: argparse.Namespace, key: str) -> int:
             trace = Trace(key, sys.stderr) if args.verbose else None
             reply = fetch_reply(session, url, make_body(messages), key=key, timeout=args.timeout,
                                 retries=args.retries, out=sys.stdout, trace=trace)
-            if not stream:
+            if not reply["streamed"]:
                 sys.stdout.write(reply["text"])
             sys.stdout.write("\n")
             sys.stdout.flush()
             if trace:
                 trace.summary(reply["usage"])
-            warning = reply_warning(reply, stream)
+            warning = reply_warning(reply)
             if warning:
                 warn(warning)
             return reply

@@ -11,7 +11,8 @@ import time
 import pytest
 
 import chat
-from conftest import CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, stream_events
+from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, completion,
+                      json_response, stream_events)
 
 
 def decode(*chunks: bytes) -> list[tuple[str, str]]:
@@ -217,6 +218,18 @@ class TestStreamingCli:
         url, _ = sse_server(raw_server, chunk_event("early "), release, stream_events("late"),
                             head=head)
         assert read_in_two_parts(url, tmp_path, b"early ", release) == (b"early ", b"late\n", b"", 0)
+
+    def test_a_json_answer_to_a_streaming_request(self, run_chat, raw_server):
+        url, received = raw_server(lambda conn, request: conn.sendall(json_response(200, completion("whole"))))
+        done = run_chat("--base-url", url, "--stream", "hi")
+        assert (done.code, done.out, done.err) == (0, "whole\n", "")
+        assert received[0]["body"]["stream"] is True
+
+    def test_a_stream_answering_a_plain_request(self, run_chat, raw_server):
+        url, received = sse_server(raw_server, stream_events("streamed ", "anyway"))
+        done = run_chat("--base-url", url, "hi")
+        assert (done.code, done.out, done.err) == (0, "streamed anyway\n", "")
+        assert "stream" not in received[0]["body"]
 
     def test_an_unfinished_last_event_is_not_shown(self, run_chat, raw_server):
         # The spec discards an event the stream cut off before its blank line.
