@@ -22,6 +22,13 @@ The reply goes to stdout; warnings and errors go to stderr. Exit codes:
 4 timeout, 130 interrupted.
 """
 
+import signal
+
+if __name__ == "__main__":
+    # Ctrl-C during the imports below would end in a traceback; until main() hands SIGINT
+    # back to Python, it just ends the process (the shell reports 130).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import base64
 import email.utils
@@ -927,8 +934,20 @@ def read_piped_stdin(stdin) -> str | None:
     return text.removeprefix("\ufeff")
 
 
+def print_error(message: str, key: str) -> None:
+    print(f"error: {one_line(redact(message, key))}", file=sys.stderr)
+
+
+def silence_stdout() -> None:
+    """After a closed pipe, point stdout at /dev/null so the exit flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run chat.py; return the exit status. Only this function prints errors."""
+    """Run chat.py; return the exit status. Failures end here as one error line
+    (a conversation reports a failed turn itself and goes on)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     key = ""
     timeout = None
     try:
@@ -951,16 +970,6 @@ def main(argv: list[str] | None = None) -> int:
         status, message = explain_error(exc, timeout)
         print_error(message, key)
         return status
-
-
-def print_error(message: str, key: str) -> None:
-    print(f"error: {one_line(redact(message, key))}", file=sys.stderr)
-
-
-def silence_stdout() -> None:
-    """After a closed pipe, point stdout at /dev/null so the exit flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
 
 
 def run(args: argparse.Namespace, key: str) -> int:
