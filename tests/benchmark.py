@@ -10,8 +10,6 @@ of the pytest run: tests assert behaviour, this reports ratios.
 """
 
 import argparse
-import base64
-import io
 import json
 import os
 import re
@@ -169,8 +167,17 @@ def instructions(args: list[str]) -> int:
     """Instructions the command executes, counted by valgrind's callgrind: unlike CPU time,
     the same on every run, whatever else the machine is doing."""
     done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *args],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=ENV)
     return int(re.search(rb"Collected : (\d+)", done.stderr).group(1))
+
+
+def prepare_image(args: list[str]) -> tuple[float, int, int]:
+    """Wall time, peak RSS and request size of a run that prepares an image: chat.py --curl
+    prints the request body after a heredoc marker; the course's script prints its URL's length."""
+    wall, _, rss, out = run_measured(args)
+    size = len(out.split(b"<<'JSON'\n", 1)[1]) if b"<<'JSON'" in out else int(out)
+    return wall, rss, size
 
 
 def median_of(runs: int, measure):
@@ -274,13 +281,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         jpeg, png = make_images(Path(folder))
         for label, path in (("6000x4000 JPEG", jpeg), ("4000x3000 PNG", png)):
-            def image(args, course=False):
-                wall, _, rss, out = run_measured(args)
-                size = int(out) if course else len(out.split(b"<<'JSON'\n", 1)[1])
-                return wall, rss, size
-
-            ours = median_of(max(3, runs // 2), lambda: image([PYTHON, CHAT, "--curl", "--image", path, "q"]))
-            floor = median_of(max(3, runs // 2), lambda: image([PYTHON, "-c", COURSE_IMAGE, path], True))
+            chat_args = [PYTHON, CHAT, "--curl", "--image", path, "q"]
+            course_args = [PYTHON, "-c", COURSE_IMAGE, path]
+            ours = median_of(max(3, runs // 2), lambda a=chat_args: prepare_image(a))
+            floor = median_of(max(3, runs // 2), lambda a=course_args: prepare_image(a))
             row(f"image {label}: wall time", ours[0] * 1000, floor[0] * 1000, "ms", "< 1.00x (JPEG)")
             row(f"image {label}: peak RSS", ours[1], floor[1], "MiB", "< 1.00x (JPEG)")
             row(f"image {label}: request size", ours[2] / 1024, floor[2] / 1024, "KiB", "")

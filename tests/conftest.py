@@ -179,7 +179,8 @@ def chunked(data: bytes) -> bytes:
 def json_response(status: int, body, reason: str = "", headers: str = "") -> bytes:
     """A complete HTTP response with a JSON (or raw bytes) body."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    reason = reason or {200: "OK", 401: "Unauthorized", 429: "Too Many Requests", 500: "Internal Server Error",
+    reason = reason or {200: "OK", 401: "Unauthorized", 429: "Too Many Requests",
+                        500: "Internal Server Error",
                         503: "Service Unavailable"}.get(status, "Status")
     return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n{headers}"
             f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n").encode() + payload

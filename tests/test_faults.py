@@ -1,18 +1,15 @@
 """Retries, network faults, interrupts and a closed stdout: each ends with one line and its exit code."""
 
-import json
 import os
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-import chat
 from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, completion,
                       json_response, stream_events)
 
@@ -213,7 +210,8 @@ class TestFaults:
         url, received = raw_server(handler)
         done = run_chat("--base-url", url, "--stream", "q")
         assert (done.code, done.out) == (3, "kept text\n")
-        assert done.err == f"error: the connection to {url[7:-3]} broke off mid-reply: Connection reset by peer\n"
+        host = url[7:-3]
+        assert done.err == f"error: the connection to {host} broke off mid-reply: Connection reset by peer\n"
         assert done.err.count("\n") == 1 and len(received) == 1
 
     def test_chunked_body_cut_short(self, run_chat, raw_server):

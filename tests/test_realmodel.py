@@ -126,7 +126,8 @@ def test_the_server_ignores_max_completion_tokens(model_url):
 
 
 def test_ctrl_c_mid_stream(model_url):
-    process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", model_url, "--stream", LONG_QUESTION],
+    process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", model_url, "--stream",
+                                LONG_QUESTION],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env={"PATH": os.environ["PATH"]})
     try:

@@ -1,6 +1,5 @@
 """Server-Sent Events: the decoder on its own, then --stream end to end over raw sockets."""
 
-import json
 import os
 import select
 import subprocess
@@ -220,7 +219,8 @@ class TestStreamingCli:
         assert read_in_two_parts(url, tmp_path, b"early ", release) == (b"early ", b"late\n", b"", 0)
 
     def test_a_json_answer_to_a_streaming_request(self, run_chat, raw_server):
-        url, received = raw_server(lambda conn, request: conn.sendall(json_response(200, completion("whole"))))
+        answer = json_response(200, completion("whole"))
+        url, received = raw_server(lambda conn, request: conn.sendall(answer))
         done = run_chat("--base-url", url, "--stream", "hi")
         assert (done.code, done.out, done.err) == (0, "whole\n", "")
         assert received[0]["body"]["stream"] is True

@@ -8,8 +8,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-import chat
-from conftest import FAKE_KEY, ROOT, SSE_HEAD, END_CHUNKS, chunk_event, chunked, completion, stream_events
+from conftest import FAKE_KEY, ROOT, SSE_HEAD, END_CHUNKS, chunked, completion, stream_events
 
 
 class TestVerbose:
