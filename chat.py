@@ -163,20 +163,18 @@ def drop_nones(mapping: dict) -> dict:
     return {key: value for key, value in mapping.items() if value is not None}
 
 
+def is_openai_host(base_url: str) -> bool:
+    host = urlsplit(base_url).hostname or ""
+    return host == "api.openai.com" or host.endswith(".openai.azure.com")
+
+
 def max_tokens_field(base_url: str) -> str:
     """OpenAI's hosts reject max_tokens for current models; other servers may only know it."""
-    host = urlsplit(base_url).hostname or ""
-    if host == "api.openai.com" or host.endswith(".openai.azure.com"):
-        return "max_completion_tokens"
-    return "max_tokens"
+    return "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
 
 
 def completions_url(base_url: str) -> str:
     return base_url.rstrip("/") + "/chat/completions"
-
-
-def is_openai_host(base_url: str) -> bool:
-    return max_tokens_field(base_url) == "max_completion_tokens"
 
 
 def is_loopback(host: str) -> bool:
@@ -198,7 +196,7 @@ def check_api_key(key: str) -> None:
     # requests would refuse such a header, quoting it (and so the key) in its error.
     if not key.isascii() or not key.isprintable() or " " in key:
         raise UsageError(
-            "OPENAI_API_KEY holds spaces, quotes or other characters no key has; check its value"
+            "OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value"
         )
 
 

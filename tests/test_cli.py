@@ -245,6 +245,12 @@ class TestUsage:
         assert done.out == ""
         assert done.err.startswith("error: ") and words in done.err and done.err.count("\n") == 1
 
+    def test_developers_can_ask_for_the_traceback(self, run_chat):
+        done = run_chat("--base-url", "http://127.0.0.1:9/v1", "--retries", "0", "q",
+                        env={"CHAT_PY_TRACEBACK": "1"})
+        assert done.code == 1  # Python's own exit for an uncaught exception
+        assert "Traceback (most recent call last)" in done.err and "ConnectionError" in done.err
+
     def test_version(self, run_chat):
         done = run_chat("--version")
         assert (done.code, done.out) == (0, f"chat.py {chat.__version__}\n")

@@ -56,6 +56,13 @@ class TestVerbose:
         assert lines[-2:] == ["| data: [DONE]", "| "]
         assert sum(line.startswith("| data: {") for line in lines) == 4
 
+    def test_cookie_values_are_cut(self, run_chat, httpserver, base_url):
+        httpserver.expect_request("/v1/chat/completions").respond_with_json(
+            completion(), headers={"Set-Cookie": "session=s3cr3t-cookie-value; Path=/"})
+        done = run_chat("-v", "--base-url", base_url, "q")
+        assert "< Set-Cookie: session=…\n" in done.err
+        assert "s3cr3t" not in done.err
+
     def test_stdout_is_exactly_the_reply(self, run_chat, httpserver, base_url):
         httpserver.expect_request("/v1/chat/completions").respond_with_json(completion("only this"))
         assert run_chat("-v", "--base-url", base_url, "q").out == "only this\n"
