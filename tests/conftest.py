@@ -21,6 +21,7 @@ CHAT = ROOT / "chat.py"
 sys.path.insert(0, str(ROOT))
 
 FAKE_KEY = "sk-test-not-a-real-key-5f3a9c"
+CHAT_PY_VARS = ("CHAT_PY_NO_SAVE", "CHAT_PY_TRACEBACK", "NO_COLOR")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
@@ -31,12 +32,15 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch, tmp_path):
-    """No proxies, no OPENAI_* settings from the developer's shell, and a fresh working directory
-    (so no .env file from the checkout is read)."""
+    """No proxies, no OPENAI_* or CHAT_PY_* settings from the developer's shell, a fresh working
+    directory (so no .env file from the checkout is read), and HOME and CHAT_PY_HOME in a temp
+    folder: a test never reads or writes the real home folder."""
     for name in list(os.environ):
-        if name.lower() in PROXY_VARS or name.upper() in PROXY_VARS or name.startswith("OPENAI_"):
+        if (name.lower() in PROXY_VARS or name.upper() in PROXY_VARS
+                or name.startswith(("OPENAI_", "XDG_")) or name in CHAT_PY_VARS):
             monkeypatch.delenv(name)
-    monkeypatch.delenv("CHAT_PY_TRACEBACK", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CHAT_PY_HOME", str(tmp_path / "state"))
     monkeypatch.chdir(tmp_path)
 
 

@@ -199,7 +199,7 @@ class TestApiErrors:
         done = run_chat("--base-url", base_url, "q")
         assert done.code == 1
         assert done.err.startswith("error: HTTP 400 BAD REQUEST: model 'x' not found")
-        assert done.err.endswith("…\n") and len(done.err) < 300
+        assert done.err.endswith("…\n") and len(done.err) == 300 + len("\n")
 
     def test_404_hints_at_the_base_url(self, run_chat, httpserver, base_url):
         httpserver.expect_request(URL).respond_with_json({"detail": "no route for this path"}, status=404)

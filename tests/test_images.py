@@ -14,7 +14,7 @@ import sys
 import zlib
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import chat
 from conftest import completion
@@ -69,33 +69,38 @@ class TestFitSize:
         assert bigger > chat.HIGH_DETAIL_PIXELS or max(new_width, new_height) + 1 > 2048
 
 
+def noise(size) -> Image.Image:
+    """A photo-like RGB image: every pixel different, so shrinking it always saves bytes."""
+    return Image.merge("RGB", [Image.effect_noise(size, 60) for _ in range(3)])
+
+
 class TestLocalImages:
     def test_large_photo_is_shrunk_to_the_default_budget(self, tmp_path):
         path = save(Image.effect_mandelbrot((3000, 2000), (-2, -1, 1, 1), 50).convert("RGB"),
                     tmp_path / "photo.jpg")
-        mime, image = decode_data_url(chat.image_url(path, None))
+        mime, image = decode_data_url(chat.image_url(path, None)[0])
         assert mime == "image/jpeg"
         assert image.size == chat.fit_size((3000, 2000), None) == (1536, 1024)
 
     def test_low_detail_fits_512(self, tmp_path):
-        path = save(Image.new("RGB", (1200, 900), "olive"), tmp_path / "a.png")
-        _, image = decode_data_url(chat.image_url(path, "low"))
+        path = save(noise((1200, 900)), tmp_path / "a.png")
+        _, image = decode_data_url(chat.image_url(path, "low")[0])
         assert image.size == (512, 384)
 
     def test_original_detail_keeps_every_pixel(self, tmp_path):
         path = save(Image.new("RGB", (2600, 100), "navy"), tmp_path / "wide.png")
-        _, image = decode_data_url(chat.image_url(path, "original"))
+        _, image = decode_data_url(chat.image_url(path, "original")[0])
         assert image.size == (2600, 100)
 
     def test_small_images_are_never_upscaled(self, tmp_path):
         path = save(Image.new("RGB", (40, 30), "red"), tmp_path / "small.bmp")
-        _, image = decode_data_url(chat.image_url(path, "low"))
+        _, image = decode_data_url(chat.image_url(path, "low")[0])
         assert image.size == (40, 30)
 
     def test_one_pixel_image(self, tmp_path):
         path = save(Image.new("L", (1, 1), 200), tmp_path / "dot.png")
-        mime, image = decode_data_url(chat.image_url(path, None))
-        assert (mime, image.size) == ("image/jpeg", (1, 1))
+        mime, image = decode_data_url(chat.image_url(path, None)[0])
+        assert (mime, image.size) == ("image/png", (1, 1))  # the file itself: smaller than a JPEG
 
     @pytest.mark.parametrize("detail", [None, "low"])
     def test_exif_orientation_is_applied(self, tmp_path, detail):
@@ -106,7 +111,7 @@ class TestLocalImages:
         exif = Image.Exif()
         exif[0x0112] = 6
         path = save(stored, tmp_path / "turned.jpg", exif=exif)
-        _, image = decode_data_url(chat.image_url(path, detail))
+        _, image = decode_data_url(chat.image_url(path, detail)[0])
         width, height = image.size
         assert (width, height) == ((400, 800) if detail is None else (256, 512))
         top = image.getpixel((width // 2, height // 4))
@@ -117,25 +122,25 @@ class TestLocalImages:
     def test_transparency_is_kept_as_png(self, tmp_path):
         image = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
         image.paste((0, 0, 0, 0), (0, 0, 32, 64))
-        mime, sent = decode_data_url(chat.image_url(save(image, tmp_path / "t.png"), None))
+        mime, sent = decode_data_url(chat.image_url(save(image, tmp_path / "t.png"), None)[0])
         assert mime == "image/png"
         assert sent.mode == "RGBA" and sent.getpixel((5, 5))[3] == 0 and sent.getpixel((50, 5))[3] == 255
 
     def test_opaque_alpha_channel_becomes_jpeg(self, tmp_path):
-        path = save(Image.new("RGBA", (20, 20), (1, 2, 3, 255)), tmp_path / "opaque.png")
-        assert decode_data_url(chat.image_url(path, None))[0] == "image/jpeg"
+        path = save(noise((300, 300)).convert("RGBA"), tmp_path / "opaque.png")
+        assert decode_data_url(chat.image_url(path, None)[0])[0] == "image/jpeg"
 
     def test_palette_gif_with_transparency_becomes_png(self, tmp_path):
-        image = Image.new("P", (30, 30), 1)
-        image.putpalette([0, 0, 0, 255, 255, 0] + [0] * 762)
-        image.paste(0, (0, 0, 10, 10))
+        image = noise((1200, 1200)).quantize(64)
+        image.paste(0, (0, 0, 600, 600))
         path = save(image, tmp_path / "t.gif", transparency=0)
-        mime, sent = decode_data_url(chat.image_url(path, None))
-        assert mime == "image/png" and sent.convert("RGBA").getpixel((1, 1))[3] == 0
+        mime, sent = decode_data_url(chat.image_url(path, "low")[0])
+        assert mime == "image/png" and sent.size == (512, 512)
+        assert sent.convert("RGBA").getpixel((1, 1))[3] == 0
 
     def test_cmyk_jpeg_is_sent_as_rgb(self, tmp_path):
         path = save(Image.new("CMYK", (50, 40), (0, 255, 255, 0)), tmp_path / "print.jpg")
-        mime, sent = decode_data_url(chat.image_url(path, None))
+        mime, sent = decode_data_url(chat.image_url(path, None)[0])
         assert mime == "image/jpeg" and sent.mode == "RGB"
         red, green, blue = sent.getpixel((25, 20))
         assert red > 200 and green < 60 and blue < 60
@@ -143,7 +148,7 @@ class TestLocalImages:
     def test_sixteen_bit_greyscale_is_scaled_not_clipped(self, tmp_path):
         image = Image.new("I;16", (40, 40), 30000)  # 30000 / 65535 of full white
         path = save(image, tmp_path / "deep.png")
-        mime, sent = decode_data_url(chat.image_url(path, None))
+        mime, sent = decode_data_url(chat.image_url(path, None)[0])
         assert mime == "image/jpeg"
         assert 110 <= sent.convert("L").getpixel((20, 20)) <= 124
 
@@ -152,7 +157,7 @@ class TestLocalImages:
         frames = [Image.new("RGB", (60, 40), color) for color in ("red", "lime", "blue")]
         path = tmp_path / f"anim.{suffix}"
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
-        mime, sent = decode_data_url(chat.image_url(str(path), None))
+        mime, sent = decode_data_url(chat.image_url(str(path), None)[0])
         assert sent.size == (60, 40)
         red, green, blue = sent.convert("RGB").getpixel((30, 20))
         assert red > 200 and green < 60 and blue < 60
@@ -163,14 +168,95 @@ class TestLocalImages:
         exif[0x0112] = 1
         path = save(Image.new("RGB", (300, 200), "teal"), tmp_path / "exif.jpg", exif=exif)
         assert os.path.getsize(path) > 60000
-        _, sent = decode_data_url(chat.image_url(path, None))
+        _, sent = decode_data_url(chat.image_url(path, None)[0])
         assert sent.size == (300, 200)
 
     @pytest.mark.parametrize(
         "url", ["https://example.com/cat.jpg", "http://127.0.0.1/x.png", "data:image/png;base64,AAAA"]
     )
     def test_urls_pass_through_unchanged(self, url):
-        assert chat.image_url(url, "high") == url
+        assert chat.image_url(url, "high") == (url, f"image {chat.elide_base64(url)}: sent as given")
+
+
+def screenshot(size=(1620, 1222)) -> Image.Image:
+    """A screenshot-like RGBA image: lines of text on flat white, one transparent corner."""
+    image = Image.new("RGBA", size, "white")
+    draw = ImageDraw.Draw(image)
+    for y in range(0, size[1], 18):
+        draw.text((10, y), "def function(argument): return argument * 2  # a comment " * 3, fill="black")
+    draw.rectangle((0, 0, 40, 40), fill=(0, 0, 0, 0))
+    return image
+
+
+def sent_bytes(path, detail=None) -> tuple[str, bytes, str]:
+    url, note = chat.image_url(str(path), detail)
+    header, data = url.split(",", 1)
+    return header.removeprefix("data:").removesuffix(";base64"), base64.b64decode(data), note
+
+
+class TestOriginalBytes:
+    """A file the API takes as it is goes byte for byte when that is no larger than shrinking it."""
+
+    def test_a_screenshot_goes_as_it_is_when_shrinking_would_grow_it(self, tmp_path):
+        path = save(screenshot(), tmp_path / "shot.png")
+        mime, data, note = sent_bytes(path)
+        assert (mime, data) == ("image/png", (tmp_path / "shot.png").read_bytes())
+        assert note.startswith(f"image {path}: 1620x1222 PNG RGBA, {len(data):,} bytes; sent as it is")
+
+    def test_a_photo_is_shrunk_when_that_is_smaller(self, tmp_path):
+        path = save(noise((2400, 1600)), tmp_path / "photo.png")
+        mime, data, note = sent_bytes(path)
+        assert mime == "image/jpeg" and len(data) < os.path.getsize(path)
+        assert Image.open(io.BytesIO(data)).size == (1536, 1024)
+        assert f"sent 1536x1024 JPEG, {len(data):,} bytes (smaller than the file)" in note
+
+    @pytest.mark.parametrize("quality, as_is", [(30, True), (100, False)])
+    def test_a_jpeg_that_needs_no_shrinking_goes_as_it_is_only_if_no_larger(self, tmp_path, quality,
+                                                                            as_is):
+        path = save(noise((400, 300)), tmp_path / "p.jpg", quality=quality)
+        _, data, _ = sent_bytes(path)
+        assert (data == (tmp_path / "p.jpg").read_bytes()) is as_is
+        assert len(data) <= os.path.getsize(path)
+
+    @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA"])
+    @pytest.mark.parametrize("kind", ["PNG", "WEBP", "GIF"])
+    def test_plain_modes_of_the_lossless_formats_may_go_as_they_are(self, tmp_path, kind, mode):
+        path = save(screenshot((60, 40)).convert(mode), tmp_path / f"x.{kind.lower()}")
+        with Image.open(path) as image:
+            assert chat.why_not_as_is(image) is None, image.mode
+
+    def test_a_lossless_webp_goes_as_it_is(self, tmp_path):
+        path = save(screenshot((600, 400)), tmp_path / "shot.webp", lossless=True)
+        mime, data, _ = sent_bytes(path)
+        assert (mime, data) == ("image/webp", (tmp_path / "shot.webp").read_bytes())
+
+    @pytest.mark.parametrize(
+        "make, reason",
+        [
+            (lambda path: save(Image.new("I;16", (40, 40), 30000), path.with_suffix(".png")),
+             "I;16 pixels are converted"),
+            (lambda path: save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), path.with_suffix(".jpg")),
+             "CMYK pixels are converted"),
+            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".bmp")),
+             "BMP is not a format the API takes"),
+            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".jpg"),
+                               exif=orientation(6)), "turned upright from its EXIF orientation"),
+            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".gif"), save_all=True,
+                               append_images=[Image.new("RGB", (40, 40), "blue")]),
+             "the first frame of an animation"),
+        ],
+    )
+    def test_what_is_always_converted(self, tmp_path, make, reason):
+        path = make(tmp_path / "x")
+        _, data, note = sent_bytes(path)
+        assert data != open(path, "rb").read()
+        assert note.endswith(f"({reason})")
+
+
+def orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -240,7 +326,7 @@ class TestBrokenImages:
 class TestImagesOnTheWire:
     def test_text_first_then_images_in_order(self, run_chat, httpserver, base_url, tmp_path):
         httpserver.expect_request("/v1/chat/completions").respond_with_json(completion("two pics"))
-        first = save(Image.new("RGB", (3000, 1500), "red"), tmp_path / "first.png")
+        first = save(noise((3000, 1500)), tmp_path / "first.png")
         second = "https://example.com/second.jpg"
         done = run_chat("--base-url", base_url, "--image", first, "--image", second, "Compare")
         assert (done.code, done.out, done.err) == (0, "two pics\n", "")
@@ -253,7 +339,7 @@ class TestImagesOnTheWire:
 
     def test_detail_is_sent_in_every_part(self, run_chat, httpserver, base_url, tmp_path):
         httpserver.expect_request("/v1/chat/completions").respond_with_json(completion())
-        path = save(Image.new("RGB", (900, 900), "red"), tmp_path / "sq.png")
+        path = save(noise((900, 900)), tmp_path / "sq.png")
         done = run_chat("--base-url", base_url, "--image", path, "--detail", "low",
                         "--image", "https://x/y.png", "q")
         assert done.code == 0, done.err

@@ -1,5 +1,5 @@
-"""Property tests: however a valid stream is cut into network reads, the events and the
-printed text are the same; garbage never crashes the reader."""
+"""Property tests: however a valid stream is cut into network reads, the events, the printed
+text and the reasoning are the same; garbage never crashes the reader."""
 
 import json
 
@@ -21,23 +21,29 @@ garbage_line = st.one_of(
 
 @st.composite
 def sse_streams(draw):
-    """(stream bytes, expected events, expected printed text)"""
+    """(stream bytes, expected events, expected printed text, expected reasoning)"""
     texts = draw(st.lists(delta_text, max_size=12))
+    thoughts = draw(st.lists(delta_text, min_size=len(texts), max_size=len(texts)))
     raw, events = b"", []
-    for text in texts:
+    for text, thought in zip(texts, thoughts):
         end = draw(line_end)
         for line in draw(st.lists(garbage_line, max_size=2)):
             raw += line + end
-        payload = json.dumps({"choices": [{"delta": {"content": text}}]}, ensure_ascii=draw(st.booleans()))
-        # Split the JSON over several data: lines at commas; the decoder joins them with "\n".
-        pieces = payload.split(", ") if draw(st.booleans()) else [payload]
-        for piece in pieces:
-            raw += b"data:" + draw(st.sampled_from([b"", b" "])) + piece.encode() + end
+        delta = {"content": text, draw(st.sampled_from(["reasoning_content", "reasoning"])): thought}
+        # Indented JSON has line breaks only between tokens: sent as several data: lines,
+        # which the decoder joins with "\n".
+        payload = json.dumps({"choices": [{"delta": delta}]}, ensure_ascii=draw(st.booleans()),
+                             indent=1 if draw(st.booleans()) else None)
+        lines = []
+        for piece in payload.split("\n"):
+            value = draw(st.sampled_from(["", " "])) + piece
+            raw += b"data:" + value.encode() + end
+            lines.append(value.removeprefix(" "))  # the decoder drops one space after the colon
         raw += end
-        events.append(("", "\n".join(pieces)))
+        events.append(("", "\n".join(lines)))
     raw += b"data: [DONE]" + draw(line_end) * 2
     events.append(("", "[DONE]"))
-    return raw, events, "".join(texts)
+    return raw, events, "".join(texts), "".join(thoughts)
 
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -51,19 +57,20 @@ def decode_all(chunks) -> list[tuple[str, str]]:
     return events
 
 
-def printed_text(events) -> str:
-    reply = {}
-    return "".join(chat.read_stream_event(event, data, reply) for event, data in events
-                   if data != "[DONE]")
+def read_all(events) -> tuple[str, str]:
+    """The text and the reasoning the events add up to."""
+    reply = chat.Reply()
+    pieces = [chat.read_stream_event(event, data, reply) for event, data in events if data != "[DONE]"]
+    return "".join(text for text, _ in pieces), "".join(thought for _, thought in pieces)
 
 
 @settings(max_examples=300, deadline=None)
 @given(sse_streams(), st.lists(st.integers(min_value=0), max_size=25))
 def test_any_split_gives_the_same_events_and_text(stream, cuts):
-    raw, expected_events, expected_text = stream
+    raw, expected_events, expected_text, expected_reasoning = stream
     events = decode_all(split_at(raw, cuts))
     assert events == expected_events
-    assert printed_text(events) == expected_text
+    assert read_all(events) == (expected_text, expected_reasoning)
 
 
 @settings(max_examples=300, deadline=None)
@@ -73,7 +80,7 @@ def test_arbitrary_bytes_never_crash_the_reader(raw, cuts):
     assert events == decode_all([raw])
     for event, data in events:
         try:
-            chat.read_stream_event(event, data, {})
+            chat.read_stream_event(event, data, chat.Reply())
         except chat.ApiError:
             pass  # a clean, explained failure is allowed; any other exception is not
 
@@ -84,4 +91,4 @@ def test_garbage_lines_between_events_change_nothing(garbage, end, cuts):
     good = b"data: " + json.dumps({"choices": [{"delta": {"content": "ok"}}]}).encode() + end + end
     raw = b"".join(line + end for line in garbage) + good + b"".join(line + end for line in garbage)
     events = decode_all(split_at(raw, cuts))
-    assert printed_text(events) == "ok"
+    assert read_all(events) == ("ok", "")
