@@ -779,8 +779,7 @@ def request(session, conn: Connection, path: str, body: dict | None, read, outpu
                 raise error from exc
             if output:
                 output.stop_waiting()
-            warn(f"{error}; retrying in {wait:.1f} s (attempt {attempt + 2} of {conn.retries + 1})",
-                 conn.key)
+            warn(str(error), conn.key, f"; retrying in {wait:.1f} s (attempt {attempt + 2} of {conn.retries + 1})")
             time.sleep(wait)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -1541,8 +1540,10 @@ def read_piped_stdin(stdin) -> str | None:
     return decode_utf8(stdin.buffer.read(), "stdin")
 
 
-def warn(message: str, key: str = "") -> None:
-    print(f"warning: {one_line(message, key, LINE_CHARS - 9)}", file=sys.stderr, flush=True)
+def warn(message: str, key: str = "", tail: str = "") -> None:
+    """One line: warning: MESSAGE, cut to fit, then the tail whole."""
+    room = LINE_CHARS - len("warning: ") - len(tail)
+    print(f"warning: {one_line(message, key, room)}{tail}", file=sys.stderr, flush=True)
 
 
 def print_error(exc: ChatError, key: str, hint: str = "") -> None:

@@ -30,6 +30,28 @@ def pytest_configure(config):
         "markers", "realmodel: runs chat.py against a real local model server (tests/setup_realmodel.sh)")
 
 
+REAL_STATE = Path.home() / ".local" / "state" / "chat-py"
+
+
+def listing(folder: Path) -> list:
+    return sorted((path.name, path.stat().st_mtime_ns) for path in folder.iterdir()) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_home_is_untouched():
+    """Fails the run if any test saved a conversation in the real home folder."""
+    before = listing(REAL_STATE)
+    yield
+    assert listing(REAL_STATE) == before, f"a test wrote to {REAL_STATE}"
+
+
+def child_env(**extra) -> dict:
+    """A minimal environment for chat.py started by a test: PATH, the test's own HOME and
+    CHAT_PY_HOME (set by clean_environ), the fake key, and extra."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"],
+            "OPENAI_API_KEY": FAKE_KEY, **extra}
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch, tmp_path):
     """No proxies, no OPENAI_* or CHAT_PY_* settings from the developer's shell, a fresh working

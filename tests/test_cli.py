@@ -261,3 +261,63 @@ class TestUsage:
         for option in ("--image", "--detail", "--stream", "--model", "--system", "--temperature",
                        "--max-tokens", "--base-url", "--timeout", "--retries", "--verbose", "--curl"):
             assert option in done.out
+
+
+class TestSmallThings:
+    @pytest.mark.parametrize(
+        "args, message",
+        [
+            (("--max-tokens", "0"), "--max-tokens must be a whole number of at least 1, not '0'"),
+            (("--max-tokens", "1.5"), "--max-tokens must be a whole number of at least 1, not '1.5'"),
+            (("--retries", "-1"), "--retries must be a whole number of at least 0, not '-1'"),
+            (("--timeout", "0"), "--timeout must be a number of seconds above 0, not '0'"),
+            (("--timeout", "inf"), "--timeout must be a number of seconds above 0, not 'inf'"),
+            (("--temperature", "warm"), "--temperature must be a number, not 'warm'"),
+            (("--temperature", "nan"), "--temperature must be a number, not 'nan'"),
+        ],
+    )
+    def test_option_errors_say_what_is_wanted(self, run_chat, args, message):
+        done = run_chat(*args, "q")
+        assert (done.code, done.out, done.err) == (2, "", f"error: {message} (see --help)\n")
+
+    def test_an_unparsable_dotenv_line_is_a_warning_naming_it(self, run_chat, httpserver, base_url, tmp_path):
+        (tmp_path / ".env").write_text("OPENAI_MODEL=from-dotenv\nthis line is 'broken\nGOOD=1\n")
+        httpserver.expect_request(URL).respond_with_json(completion("ok"))
+        done = run_chat("--base-url", base_url, "q")
+        assert (done.code, done.out) == (0, "ok\n")
+        assert done.err == "warning: .env: could not parse statement starting at line 2 (skipped)\n"
+        assert sent(httpserver)["model"] == "from-dotenv"
+
+    def test_an_empty_model_option_is_a_usage_error(self, run_chat, httpserver, base_url):
+        done = run_chat("--base-url", base_url, "-m", "", "q")
+        assert (done.code, done.err) == (2, "error: -m/--model needs a model name\n")
+        assert httpserver.log == []
+
+    @pytest.mark.parametrize("where", ["environment", ".env"])
+    def test_an_empty_openai_model_counts_as_not_set(self, run_chat, httpserver, base_url, tmp_path, where):
+        httpserver.expect_request(URL).respond_with_json(completion())
+        env = {"OPENAI_MODEL": ""} if where == "environment" else {}
+        if where == ".env":
+            (tmp_path / ".env").write_text("OPENAI_MODEL=\n")
+        assert run_chat("--base-url", base_url, "q", env=env).code == 0
+        assert sent(httpserver)["model"] == "gpt-5.4-mini"
+
+    def test_no_key_for_openai_points_to_local_servers_too(self, run_chat):
+        done = run_chat("q", key=None)
+        assert done.code == 2 and "OPENAI_API_KEY" in done.err and "--base-url" in done.err
+
+    @pytest.mark.parametrize("reply, out", [("ends with a newline\n", "ends with a newline\n"),
+                                            ("two\n\n", "two\n\n"), ("", "\n"), ("plain", "plain\n")])
+    def test_stdout_is_the_reply_and_exactly_one_final_newline(self, run_chat, httpserver, base_url, reply, out):
+        httpserver.expect_request(URL).respond_with_json(completion(reply))
+        done = run_chat("--base-url", base_url, "q")
+        assert (done.code, done.out) == (0, out)
+
+    def test_the_404_hint_says_how_to_find_the_model_name(self, run_chat, httpserver, base_url):
+        httpserver.expect_request(URL).respond_with_json({"error": {"message": "model 'gpt-5.4-mini' not found"}},
+                                                         status=404)
+        done = run_chat("--base-url", base_url, "q")
+        assert done.code == 1
+        assert done.err == ("error: HTTP 404 NOT FOUND: model 'gpt-5.4-mini' not found (requests go to "
+                            "BASE_URL/chat/completions: check --base-url, and --model against what "
+                            "python chat.py --models lists)\n")

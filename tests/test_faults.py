@@ -1,6 +1,8 @@
 """Retries, network faults, interrupts and a closed stdout: each ends with one line and its exit code."""
 
-import os
+import contextlib
+import json
+import re
 import signal
 import socket
 import struct
@@ -9,8 +11,9 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 
-from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, completion,
+from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, child_env, chunk_event, chunked, completion,
                       json_response, stream_events)
 
 OK = json_response(200, completion("recovered"))
@@ -275,7 +278,7 @@ def start_chat(url, *args, stdin=subprocess.DEVNULL, tmp_path=None):
     return subprocess.Popen(
         [sys.executable, str(CHAT), "--base-url", url, *args], stdin=stdin,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-        env={"PATH": os.environ["PATH"], "OPENAI_API_KEY": FAKE_KEY},
+        env=child_env(),
     )
 
 
@@ -324,7 +327,7 @@ class TestInterrupts:
             f"{sys.executable} {CHAT} --base-url {url} --stream q | head -c 20; "
             "echo \" status=${PIPESTATUS[0]}\"",
             shell=True, executable="/bin/bash", capture_output=True, cwd=tmp_path, timeout=30,
-            env={"PATH": os.environ["PATH"], "OPENAI_API_KEY": FAKE_KEY},
+            env=child_env(),
         )
         assert done.stdout == b"word0 word1 word2 wo status=0\n"
         assert done.stderr == b""
@@ -334,7 +337,7 @@ class TestInterrupts:
         done = subprocess.run(
             f"{sys.executable} {CHAT} --base-url {url} q | head -c 5; echo \" status=${{PIPESTATUS[0]}}\"",
             shell=True, executable="/bin/bash", capture_output=True, cwd=tmp_path, timeout=30,
-            env={"PATH": os.environ["PATH"], "OPENAI_API_KEY": FAKE_KEY},
+            env=child_env(),
         )
         assert done.stdout == b"xxxxx status=0\n"
         assert done.stderr == b""
@@ -416,3 +419,86 @@ class TestKeySafety:
         done = run_chat("--base-url", "http://models.example.test/v1", "q", key=None,
                         env={"HTTP_PROXY": proxy, "NO_PROXY": ""})
         assert (done.code, done.err) == (0, "")
+
+
+class TestLongServerText:
+    """A server that echoes the whole request in its error (llama-cpp-python does, Base64 image
+    included) still gives short lines: every error: and warning: line is at most 300 characters."""
+
+    @staticmethod
+    def echo_request(conn, request):
+        message = f"Invalid request: {json.dumps(request['body'])}" + " and more" * 20_000
+        conn.sendall(error(500, message))
+
+    def test_every_line_is_short(self, run_chat, raw_server, tmp_path):
+        Image.merge("RGB", [Image.effect_noise((1500, 1500), 60) for _ in range(3)]).save(tmp_path / "big.png")
+        url, received = raw_server(self.echo_request)
+        done = run_chat("--base-url", url, "--detail", "original", "--image", "big.png", "q")
+        assert (done.code, done.out) == (1, "")
+        lines = done.err.splitlines()
+        assert len(lines) == 3 and len(received) == 3  # two retry warnings, then the error
+        assert all(len(line) <= 300 for line in lines), [len(line) for line in lines]
+        assert lines[0].startswith('warning: HTTP 500 Internal Server Error: Invalid request: {"model": ')
+        assert re.search(r'"url": "data:image/jpeg;base64,…\([\d,]+ characters\)"', lines[-1])
+        assert lines[-1].startswith("error: HTTP 500 Internal Server Error: Invalid request: ")
+        assert lines[-1].endswith("…") and lines[0].endswith("(attempt 2 of 3)")
+
+    def test_the_trace_elides_and_cuts_too(self, run_chat, raw_server, tmp_path):
+        Image.merge("RGB", [Image.effect_noise((1000, 1000), 60) for _ in range(3)]).save(tmp_path / "big.png")
+        url, received = raw_server(self.echo_request)
+        done = run_chat("-v", "--base-url", url, "--retries", "0", "--detail", "original", "--image", "big.png", "q")
+        assert done.code == 1
+        assert len(received[0]["body"]["messages"][0]["content"][1]["image_url"]["url"]) > 500_000
+        assert len(done.err) < 20_000
+        assert max(len(line) for line in done.err.splitlines()) < 1100
+        assert '<   "error": {' in done.err  # the response body is in the trace, pretty-printed
+
+
+class TestTimeouts:
+    def test_reads_wait_ten_minutes_by_default(self):
+        import chat
+
+        assert chat.build_parser().parse_args(["q"]).timeout == 600
+
+    def test_a_slow_answer_is_not_cut_short_by_the_connect_wait(self, call_main, raw_server, monkeypatch):
+        import chat
+
+        monkeypatch.setattr(chat, "CONNECT_TIMEOUT", 0.3)
+        url, received = raw_server(in_turn(lambda conn: (nap(1.0), conn.sendall(OK))))
+        done = call_main("--base-url", url, "--retries", "0", "q")
+        assert (done.code, done.out, done.err) == (0, "recovered\n", "")
+
+    def test_connecting_gives_up_after_the_connect_wait(self, call_main, monkeypatch):
+        import chat
+
+        monkeypatch.setattr(chat, "CONNECT_TIMEOUT", 0.3)
+        with full_listener() as port:
+            started = time.monotonic()
+            done = call_main("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "q")
+        assert time.monotonic() - started < 3
+        assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.3 s\n")
+
+    def test_a_smaller_timeout_shortens_connecting_too(self, run_chat):
+        with full_listener() as port:
+            started = time.monotonic()
+            done = run_chat("--base-url", f"http://127.0.0.1:{port}/v1", "--timeout", "0.4", "--retries", "0", "q")
+        assert time.monotonic() - started < 5
+        assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.4 s\n")
+
+    def test_a_timeout_while_reasoning_suggests_streaming(self, run_chat, raw_server):
+        url, _ = raw_server(lambda conn, request: nap(3))
+        done = run_chat("--base-url", url, "--timeout", "0.4", "--retries", "0", "--reasoning-effort", "high", "q")
+        assert done.code == 4
+        assert done.err == (f"error: {url[7:-3]} did not answer within 0.4 s (--timeout) "
+                            "(a long think may need --stream or a larger --timeout)\n")
+
+
+@contextlib.contextmanager
+def full_listener():
+    """A port whose listen queue is full: connecting to it hangs until the client gives up."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+        filler = socket.create_connection(server.getsockname())
+        try:
+            yield server.getsockname()[1]
+        finally:
+            filler.close()

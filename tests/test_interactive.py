@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, completion, json_response
+from conftest import CHAT, END_CHUNKS, SSE_HEAD, child_env, chunk_event, chunked, completion, json_response
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -52,15 +52,8 @@ class Script:
         return [(message["role"], message["content"]) for message in self.requests[index]["messages"]]
 
 
-def terminal_env(**extra) -> dict:
-    """The environment of a child on the pty: the test's HOME and CHAT_PY_HOME, nothing more."""
-    return {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
-            "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"], "OPENAI_API_KEY": FAKE_KEY, "TERM": "dumb",
-            **extra}
-
-
 def spawn(*args, **env):
-    return pexpect.spawn(sys.executable, [str(CHAT), *args], env=terminal_env(**env),
+    return pexpect.spawn(sys.executable, [str(CHAT), *args], env=child_env(**{"TERM": "dumb", **env}),
                          encoding="utf-8", timeout=15, dimensions=(40, 200))
 
 

@@ -23,7 +23,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import CHAT
+from conftest import CHAT, child_env
 
 pytestmark = pytest.mark.realmodel
 
@@ -101,7 +101,7 @@ def wait_until_ready(process, url, log, seconds=180):
 def chat(server, *args, timeout=300):
     """Run chat.py against the server, with the test's own HOME and conversation folder."""
     started = time.monotonic()
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"]}
+    env = child_env(OPENAI_API_KEY="")
     done = subprocess.run([sys.executable, str(CHAT), "--base-url", server.url, *args],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env)
     done.seconds = time.monotonic() - started
@@ -227,7 +227,7 @@ def test_an_image_for_a_text_only_model(server, tmp_path):
 
 
 def test_ctrl_c_mid_stream(server):
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"]}
+    env = child_env(OPENAI_API_KEY="")
     process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", server.url, "--stream",
                                 LONG_QUESTION],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import chat
-from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk_event, chunked, completion,
+from conftest import (CHAT, END_CHUNKS, SSE_HEAD, child_env, chunk_event, chunked, completion,
                       json_response, stream_events)
 
 
@@ -91,7 +91,7 @@ def read_in_two_parts(url, tmp_path, first_part: bytes, release: threading.Event
     process = subprocess.Popen(
         [sys.executable, str(CHAT), "--base-url", url, "--stream", "hi"],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "OPENAI_API_KEY": FAKE_KEY},
+        env=child_env(),
     )
     try:
         first, deadline = b"", time.monotonic() + 5
@@ -112,6 +112,13 @@ class TestStreamingCli:
         done = run_chat("--base-url", url, "--stream", "hi")
         assert (done.code, done.out, done.err) == (0, "Hello, wörld\n", "")
         assert received[0]["body"]["stream"] is True
+
+    @pytest.mark.parametrize("deltas, out", [(("line one\n", "line two\n"), "line one\nline two\n"),
+                                             (("ends", "\n"), "ends\n"), ((), "\n"), (("no end",), "no end\n")])
+    def test_a_reply_ending_with_a_newline_gets_no_second_one(self, run_chat, raw_server, deltas, out):
+        url, _ = sse_server(raw_server, stream_events(*deltas))
+        done = run_chat("--base-url", url, "--stream", "hi")
+        assert (done.code, done.out, done.err) == (0, out, "")
 
     def test_each_delta_is_flushed_the_moment_it_arrives(self, raw_server, tmp_path):
         release = threading.Event()

@@ -63,6 +63,37 @@ class TestVerbose:
         assert "< Set-Cookie: session=…\n" in done.err
         assert "s3cr3t" not in done.err
 
+    def test_the_response_body_is_traced_like_the_request(self, run_chat, httpserver, base_url):
+        long_text = "word " * 400
+        image = "data:image/png;base64," + "QUJD" * 5000
+        httpserver.expect_request("/v1/chat/completions").respond_with_json(
+            {**completion(long_text), "echo": image})
+        done = run_chat("-v", "--base-url", base_url, "q")
+        assert done.out == long_text + "\n"
+        assert '<   "choices": [\n' in done.err
+        assert f'"content": "{long_text[:500]}…(2,000 characters)"' in done.err
+        assert '<   "echo": "data:image/png;base64,…(20,000 characters)"\n' in done.err
+        assert max(len(line) for line in done.err.splitlines()) < 600
+
+    def test_a_body_that_is_not_json_is_traced_as_text(self, run_chat, httpserver, base_url):
+        httpserver.expect_request("/v1/chat/completions").respond_with_data("upstream said no", status=502)
+        done = run_chat("-v", "--retries", "0", "--base-url", base_url, "q")
+        assert "< upstream said no\n" in done.err and done.code == 1
+
+    def test_each_image_gets_one_line(self, run_chat, httpserver, base_url, tmp_path):
+        Image.new("RGB", (3000, 2000), "red").save(tmp_path / "big.bmp")
+        Image.new("L", (10, 10), 128).save(tmp_path / "small.png")
+        httpserver.expect_request("/v1/chat/completions").respond_with_json(completion())
+        done = run_chat("-v", "--base-url", base_url, "--image", "big.bmp", "--image", "small.png",
+                        "--image", "https://example.com/x.jpg", "q")
+        lines = [line for line in done.err.splitlines() if line.startswith("* image ")]
+        assert len(lines) == 3
+        assert re.fullmatch(r"\* image big\.bmp: 3000x2000 BMP RGB, 18,000,054 bytes; sent 1536x1024 JPEG, "
+                            r"[\d,]+ bytes \(BMP is not a format the API takes\)", lines[0])
+        assert re.fullmatch(r"\* image small\.png: 10x10 PNG L, [\d,]+ bytes; sent as it is "
+                            r"\(re-encoded it would take [\d,]+ bytes\)", lines[1])
+        assert lines[2] == "* image https://example.com/x.jpg: sent as given"
+
     def test_stdout_is_exactly_the_reply(self, run_chat, httpserver, base_url):
         httpserver.expect_request("/v1/chat/completions").respond_with_json(completion("only this"))
         assert run_chat("-v", "--base-url", base_url, "q").out == "only this\n"
