@@ -37,12 +37,9 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
 from enum import IntEnum
-from pathlib import Path
 from urllib.parse import urlsplit
 
 # requests (with urllib3) is imported inside the functions that talk to a server, so that the
@@ -143,58 +140,67 @@ class ApiError(ChatError):
         self.retry_after = retry_after
 
 
-@dataclass
+# Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost
+# about a seventh of chat.py's start-up.
+
+
 class Settings:
     """What the user asked for, apart from the question: the request body's fields and how
     to show the reply."""
 
-    model: str
-    base_url: str  # decides the name of the max-tokens field
-    system: str | None = None
-    temperature: float | None = None
-    max_tokens: int | None = None
-    reasoning_effort: str | None = None
-    options: list[tuple[str, object]] = field(default_factory=list)  # -o, applied last
-    stream: bool = False
-    usage: bool = False
-    show_reasoning: bool = False
-    verbose: bool = False
+    def __init__(self, model: str, base_url: str, system: str | None = None,
+                 temperature: float | None = None, max_tokens: int | None = None,
+                 reasoning_effort: str | None = None, options: list[tuple[str, object]] = (),
+                 stream: bool = False, usage: bool = False, show_reasoning: bool = False,
+                 verbose: bool = False):
+        self.model = model
+        self.base_url = base_url  # decides the name of the max-tokens field
+        self.system = system
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.reasoning_effort = reasoning_effort
+        self.options = options  # -o KEY VALUE pairs, applied last
+        self.stream = stream
+        self.usage = usage
+        self.show_reasoning = show_reasoning
+        self.verbose = verbose
 
 
-@dataclass
 class Connection:
     """Where requests go, with which key, and how long and how often to try."""
 
-    base_url: str
-    key: str
-    timeout: float
-    retries: int
+    def __init__(self, base_url: str, key: str, timeout: float, retries: int):
+        self.base_url = base_url
+        self.key = key
+        self.timeout = timeout
+        self.retries = retries
 
 
-@dataclass
 class Reply:
     """What the server answered: the text, the reasoning, why it stopped, the token usage."""
 
-    text: str = ""
-    reasoning: str = ""
-    finish_reason: str | None = None
-    usage: dict | None = None
-    streamed: bool = False
-    done: bool = False  # the stream said [DONE]
+    def __init__(self, text: str = "", reasoning: str = "", finish_reason: str | None = None,
+                 usage: dict | None = None, streamed: bool = False):
+        self.text = text
+        self.reasoning = reasoning
+        self.finish_reason = finish_reason
+        self.usage = usage
+        self.streamed = streamed
+        self.done = False  # the stream said [DONE]
 
 
-@dataclass
 class Conversation:
     """A conversation's turns so far, and the file the next one is appended to."""
 
-    folder: Path
-    name: str
-    turns: list[dict] = field(default_factory=list)
-    save: bool = True
+    def __init__(self, folder: str, name: str, turns: list[dict] | None = None, save: bool = True):
+        self.folder = folder
+        self.name = name
+        self.turns = turns or []
+        self.save = save
 
     @property
-    def path(self) -> Path:
-        return self.folder / f"{self.name}.jsonl"
+    def path(self) -> str:
+        return conversation_file(self.folder, self.name)
 
     def add(self, turn: dict, retry: bool = False, key: str = "") -> None:
         """Keep a finished turn; a retry replaces the turn before it. Saving never costs
@@ -452,7 +458,7 @@ def encode_image_file(path: str, detail: str | None) -> tuple[str, str]:
                 mime, data = encode_image(prepared)
                 size = os.path.getsize(path)
                 if reason is None and size <= len(data):
-                    mime, original = Image.MIME[kind], Path(path).read_bytes()
+                    mime, original = Image.MIME[kind], read_bytes(path)
                     sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
                     data = original
                 else:
@@ -470,6 +476,11 @@ def encode_image_file(path: str, detail: str | None) -> tuple[str, str]:
         raise UsageError(f"cannot decode image {path}: {exc}") from None
     note = f"image {path}: {source}, {size:,} bytes; {sent}"
     return f"data:{mime};base64,{base64_text(data)}", note
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def base64_text(data: bytes) -> str:
@@ -538,15 +549,19 @@ def has_transparency(image) -> bool:
 # ---------------------------------------------------------- conversations
 
 
-def state_dir() -> Path:
+def state_dir() -> str:
     """Where conversations are saved: $CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (only an
     absolute path counts, as the XDG spec says), else ~/.local/state/chat-py."""
     if os.environ.get("CHAT_PY_HOME"):
-        return Path(os.environ["CHAT_PY_HOME"])
+        return os.environ["CHAT_PY_HOME"]
     xdg_state = os.environ.get("XDG_STATE_HOME", "")
     if os.path.isabs(xdg_state):
-        return Path(xdg_state) / "chat-py"
-    return Path.home() / ".local" / "state" / "chat-py"
+        return os.path.join(xdg_state, "chat-py")
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "chat-py")
+
+
+def conversation_file(folder: str, name: str) -> str:
+    return os.path.join(folder, f"{name}.jsonl")
 
 
 def check_name(name: str) -> str:
@@ -558,15 +573,15 @@ def check_name(name: str) -> str:
     return name
 
 
-def new_name(folder: Path) -> str:
+def new_name(folder: str) -> str:
     """A fresh conversation name that sorts by time, such as 20261126-191002-a3f."""
     while True:
         name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()[:3]
-        if not (folder / f"{name}.jsonl").exists():
+        if not os.path.exists(conversation_file(folder, name)):
             return name
 
 
-def saved_conversations(folder: Path) -> list[tuple[int, str]]:
+def saved_conversations(folder: str) -> list[tuple[int, str]]:
     """(modification time, name) of each saved conversation, the newest first."""
     try:
         entries = list(os.scandir(folder))
@@ -579,23 +594,23 @@ def saved_conversations(folder: Path) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def conversation_path(folder: Path, name: str) -> Path:
+def conversation_path(folder: str, name: str) -> str:
     """The file of an existing conversation; an unknown name is a usage error."""
-    path = folder / f"{check_name(name)}.jsonl"
-    if not path.is_file():
+    path = conversation_file(folder, check_name(name))
+    if not os.path.isfile(path):
         raise UsageError(f"no conversation named {name!r} in {folder}",
                          hint="(python chat.py --chats lists them)")
     return path
 
 
-def newest_conversation(folder: Path) -> str:
+def newest_conversation(folder: str) -> str:
     saved = saved_conversations(folder)
     if not saved:
         raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
     return saved[0][1]
 
 
-def open_conversation(args: argparse.Namespace, folder: Path, save: bool) -> Conversation:
+def open_conversation(args: argparse.Namespace, folder: str, save: bool) -> Conversation:
     """The conversation this run goes on with (-c, --chat NAME), or a new one."""
     if args.continue_ and args.chat is not None:
         raise UsageError("-c and --chat cannot go together: -c continues the newest conversation")
@@ -603,12 +618,12 @@ def open_conversation(args: argparse.Namespace, folder: Path, save: bool) -> Con
         return Conversation(folder, new_name(folder), save=save)
     name = check_name(args.chat) if args.chat is not None else newest_conversation(folder)
     conversation = Conversation(folder, name, save=save)
-    if conversation.path.is_file():
+    if os.path.isfile(conversation.path):
         conversation.turns = load_turns(conversation.path)
     return conversation
 
 
-def load_turns(path: Path) -> list[dict]:
+def load_turns(path: str) -> list[dict]:
     """The turns of a saved conversation. A line that is not a turn (a torn write, a bad hand
     edit) is skipped with a warning; a retried turn replaces the one before it."""
     turns = []
@@ -634,13 +649,13 @@ def load_turns(path: Path) -> list[dict]:
     return turns
 
 
-def append_line(folder: Path, path: Path, turn: dict, key: str) -> None:
+def append_line(folder: str, path: str, turn: dict, key: str) -> None:
     """Append a turn as one line with one write, then fsync; files are never rewritten.
     The folder is made 0700 and the file 0600, whatever the umask; the key is never written,
     even when a server echoes it back."""
-    if not folder.is_dir():
-        folder.mkdir(parents=True, mode=0o700, exist_ok=True)
-        folder.chmod(0o700)
+    if not os.path.isdir(folder):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
     data = (redact(json.dumps(turn, ensure_ascii=False), key) + "\n").encode("utf-8")
     try:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
@@ -671,7 +686,7 @@ def make_turn(settings: Settings, body: dict, user_message: dict, reply: Reply) 
     })
 
 
-def list_conversations(folder: Path) -> None:
+def list_conversations(folder: str) -> None:
     """--chats: one line per conversation, newest first."""
     saved = saved_conversations(folder)
     if not saved:
@@ -679,13 +694,13 @@ def list_conversations(folder: Path) -> None:
         return
     width = max(len(name) for _, name in saved)
     for mtime, name in saved:
-        turns, question = summarize(folder / f"{name}.jsonl")
+        turns, question = summarize(conversation_file(folder, name))
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
         count = f"{turns} turn" + ("" if turns == 1 else "s")
         print(f"{name:<{width}}  {count:>9}  {when}  {question}")
 
 
-def summarize(path: Path) -> tuple[int, str]:
+def summarize(path: str) -> tuple[int, str]:
     """A conversation's turn count and the start of its first question. Lines are counted as
     bytes; only the first is parsed."""
     with open(path, "rb") as file:
@@ -699,10 +714,11 @@ def summarize(path: Path) -> tuple[int, str]:
     return turns, one_line(question, room=60)
 
 
-def show_conversation(path: Path) -> None:
+def show_conversation(path: str) -> None:
     """--show: the conversation for a person to read, each question and answer in order."""
     turns = load_turns(path)
-    print(f"conversation {path.stem}: {len(turns)} turn" + ("" if len(turns) == 1 else "s"))
+    name = os.path.basename(path).removesuffix(".jsonl")
+    print(f"conversation {name}: {len(turns)} turn" + ("" if len(turns) == 1 else "s"))
     system = None
     for turn in turns:
         if turn.get("system") != system:
@@ -732,12 +748,12 @@ def local_time(stamp: str | None) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
-def forget_conversation(path: Path) -> None:
+def forget_conversation(path: str) -> None:
     try:
-        path.unlink()
+        os.remove(path)
     except OSError as exc:
         raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
-    print(f"forgot {path.stem} (deleted {path})")
+    print(f"forgot {os.path.basename(path).removesuffix('.jsonl')} (deleted {path})")
 
 
 # ------------------------------------------------------------- transport
@@ -1306,11 +1322,12 @@ class Spinner:
     def __init__(self, color: bool):
         self.color = color
         self.thread = None
-        self.stopping = threading.Event()
 
     def start(self) -> None:
+        import threading
+
         if not self.thread:
-            self.stopping.clear()
+            self.stopping = threading.Event()
             self.thread = threading.Thread(target=self.spin, daemon=True)
             self.thread.start()
 
