@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = str(ROOT / "chat.py")
 PYTHON = sys.executable
 KEY = "sk-test-not-a-real-key-benchmark"
+# Conversations are saved in a temporary folder, never the real home (see main()).
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENAI_API_KEY": KEY, "PYTHONIOENCODING": "utf-8"}
 
 # The course's client, as a floor: one POST with requests, the content printed.
@@ -131,10 +132,10 @@ class Emitter:
 # ------------------------------------------------------------------ measuring
 
 
-def run_measured(args: list[str]) -> tuple[float, float, int, bytes]:
+def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, int, bytes]:
     """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout."""
     started = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=ENV)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**ENV, **(env or {})})
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -198,6 +199,21 @@ photo.resize((4000, 3000)).save(sys.argv[2], compress_level=1)
 """
 
 
+def save_conversations(folder: Path, count: int) -> None:
+    """count saved conversations of three turns each, written over the last few days."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for n in range(count):
+        turns = [{"time": "2026-11-26T10:00:00Z", "model": "gpt-5.4-mini",
+                  "user": {"role": "user", "content": f"Question {n}.{t}: " + "what about this? " * 20},
+                  "assistant": "An answer of a few sentences. " * 20, "finish_reason": "stop",
+                  "usage": {"prompt_tokens": 50, "completion_tokens": 120, "total_tokens": 170}}
+                 for t in range(3)]
+        path = folder / f"2026{n:010d}.jsonl"
+        path.write_text("".join(json.dumps(turn) + "\n" for turn in turns))
+        os.utime(path, (now - n * 300, now - n * 300))
+
+
 def make_images(folder: Path) -> tuple[str, str]:
     """A 6000x4000 photographic JPEG and a 4000x3000 PNG, made in a child process: a child's
     peak RSS counts its parent's size at fork, so this process must stay small."""
@@ -220,12 +236,13 @@ def main() -> int:
         parser.error("--instructions needs valgrind")
     emitter = Emitter()
     rows = []
+    state = tempfile.TemporaryDirectory()
+    ENV.update(HOME=state.name, CHAT_PY_HOME=str(Path(state.name) / "chats"))
 
-    def row(name, ours, floor, unit, target):
-        ratio = ours / floor if floor else float("nan")
+    def row(name, ours, floor, unit, target, difference=False):
+        compared = f"{ours - floor:+.1f} {unit}" if difference else f"{ours / floor:.2f}x"
         digits = 1 if unit == "ms" else 0
-        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{floor:,.{digits}f} {unit}",
-                     f"{ratio:.2f}x", target))
+        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{floor:,.{digits}f} {unit}", compared, target))
         print(f"  {name}: chat.py {ours:.2f} {unit}, floor {floor:.2f} {unit}", file=sys.stderr)
 
     print(f"benchmark: {runs} runs per measure, Python {sys.version.split()[0]}", file=sys.stderr)
@@ -233,7 +250,7 @@ def main() -> int:
     # 1. startup
     ours, floor = median_of(runs * 2, lambda: (run_measured([PYTHON, CHAT, "--help"])[0],
                                                run_measured([PYTHON, "-c", "import requests"])[0]))
-    row("startup: `--help` vs `import requests`", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+    row("startup: `--help` vs `import requests`", ours * 1000, floor * 1000, "ms", "<= 0.50x")
     if options.instructions:
         row("startup: instructions", instructions([PYTHON, CHAT, "--help"]) / 1e6,
             instructions([PYTHON, "-c", "import requests"]) / 1e6, "M", "")
@@ -243,6 +260,20 @@ def main() -> int:
         run_measured([PYTHON, CHAT, "--base-url", emitter.url, "q"])[0],
         run_measured([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY])[0]))
     row("one question, wall time", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+
+    # 2b. what saving the turn costs: the same question, saved and with --no-save
+    ours, floor = median_of(runs * 4, lambda: (
+        run_measured([PYTHON, CHAT, "--base-url", emitter.url, "q"])[0],
+        run_measured([PYTHON, CHAT, "--base-url", emitter.url, "--no-save", "q"])[0]))
+    row("one question: saved vs `--no-save`", ours * 1000, floor * 1000, "ms", "<= +5 ms", difference=True)
+
+    # 2c. listing 1,000 saved conversations, against chat.py's own start-up
+    chats = Path(state.name) / "thousand"
+    save_conversations(chats, 1000)
+    listing_env = {"CHAT_PY_HOME": str(chats)}
+    ours, floor = median_of(runs, lambda: (run_measured([PYTHON, CHAT, "--chats"], listing_env)[0],
+                                           run_measured([PYTHON, CHAT, "--help"])[0]))
+    row("`--chats`, 1,000 conversations vs `--help`", ours * 1000, floor * 1000, "ms", "< 300 ms")
 
     # 3. stream latency: 50 deltas 20 ms apart
     emitter.deltas, emitter.gap = [f"<{n}>" for n in range(50)], 0.020
@@ -290,10 +321,11 @@ def main() -> int:
             row(f"image {label}: request size", ours[2] / 1024, floor[2] / 1024, "KiB", "")
 
     width = max(len(name) for name, *_ in rows)
-    print(f"\n| {'measure':<{width}} | chat.py | floor | ratio | target |")
-    print(f"|{'-' * (width + 2)}|--------:|------:|------:|--------|")
+    print(f"\n| {'measure':<{width}} | chat.py | floor | compared | target |")
+    print(f"|{'-' * (width + 2)}|--------:|------:|---------:|--------|")
     for name, ours, floor, ratio, target in rows:
         print(f"| {name:<{width}} | {ours} | {floor} | {ratio} | {target} |")
+    state.cleanup()
     return 0
 
 
