@@ -1606,50 +1606,35 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, key: str) -> int:
     """The program without its error handling."""
     folder = state_dir()
-    if args.chats:
-        list_conversations(folder)
-        return ExitStatus.OK
-    if args.show is not None:
-        show_conversation(conversation_path(folder, args.show or newest_conversation(folder)))
-        return ExitStatus.OK
-    if args.forget is not None:
-        forget_conversation(conversation_path(folder, args.forget))
-        return ExitStatus.OK
-    if args.model == "":
-        raise UsageError("-m/--model needs a model name")
+    if args.chats or args.show is not None or args.forget is not None:
+        return manage_conversations(args, folder)
     base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     check_base_url(base_url)
-    options = parse_options(args.option)
-    piped = None if args.models else read_piped_stdin(sys.stdin)
-    files = [file_block(path, read_text_file(path)) for path in args.file]
-    interactive = not args.question and piped is None and not args.curl and not args.models
-    question = build_question(args.question, piped, files)
-    if not question and not interactive and not args.models:
-        raise UsageError('no question given: try  python chat.py "Why is the sky blue?"')
-    if key:
-        check_api_key(key)
-    elif is_openai_host(base_url) and not args.curl:
-        raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                         "(see .env.example); a local server needs no key: pass its --base-url")
     conn = Connection(base_url, key, args.timeout, args.retries)
     if args.models:
-        warn_about_plain_http(conn)
+        check_key(conn)
         return print_models(conn, args.verbose)
+    if args.model == "":
+        raise UsageError("-m/--model needs a model name")
+    options = parse_options(args.option)
     saving = not (args.no_save or args.curl) and os.environ.get("CHAT_PY_NO_SAVE", "") in ("", "0")
     conversation = open_conversation(args, folder, saving)
+    piped = read_piped_stdin(sys.stdin)
+    files = [file_block(path, read_text_file(path)) for path in args.file]
+    interactive = not args.question and piped is None and not args.curl
+    question = build_question(args.question, piped, files)
+    if not question and not interactive:
+        raise UsageError('no question given: try  python chat.py "Why is the sky blue?"')
+    if not args.curl:
+        check_key(conn)
     settings = make_settings(args, base_url, options, conversation, interactive)
-    images = [image_url(source, args.detail) for source in args.image]
-    if args.verbose:
-        for _, note in images:
-            print(f"* {note}", file=sys.stderr)
-    image_urls = [url for url, _ in images]
+    image_urls = prepare_images(args.image, args.detail, args.verbose)
     if args.curl:
         user_message = build_user_message(question, image_urls, args.detail)
         body = build_body(settings, build_messages(conversation.turns, user_message, settings.system))
         send_key = bool(key) or is_openai_host(base_url)
         print(curl_command(api_url(base_url, "/chat/completions"), body, send_key, settings.stream))
         return ExitStatus.OK
-    warn_about_plain_http(conn)
 
     import requests
 
@@ -1658,6 +1643,41 @@ def run(args: argparse.Namespace, key: str) -> int:
             return converse(session, conn, settings, conversation, image_urls, files, args.detail)
         ask(session, conn, settings, conversation, build_user_message(question, image_urls, args.detail))
     return ExitStatus.OK
+
+
+def manage_conversations(args: argparse.Namespace, folder: str) -> int:
+    """--chats, --show and --forget: no network, no key."""
+    if args.chats:
+        list_conversations(folder)
+    elif args.forget is not None:
+        forget_conversation(conversation_path(folder, args.forget))
+    else:
+        show_conversation(conversation_path(folder, args.show or newest_conversation(folder)))
+    return ExitStatus.OK
+
+
+def check_key(conn: Connection) -> None:
+    """Before sending: the key must fit in a header, OpenAI's hosts need one, and sending it
+    unencrypted to another machine deserves a warning."""
+    where = urlsplit(conn.base_url)
+    if conn.key:
+        check_api_key(conn.key)
+        if where.scheme == "http" and not is_loopback(where.hostname):
+            warn(f"sending the API key unencrypted to {where.netloc} over http://")
+    elif is_openai_host(conn.base_url):
+        raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                         "(see .env.example); a local server needs no key: pass its --base-url")
+
+
+def prepare_images(sources: list[str], detail: str | None, verbose: bool) -> list[str]:
+    """The URL to send for each --image; with -v, a line per image saying what and why."""
+    urls = []
+    for source in sources:
+        url, note = image_url(source, detail)
+        if verbose:
+            print(f"* {note}", file=sys.stderr)
+        urls.append(url)
+    return urls
 
 
 def make_settings(args: argparse.Namespace, base_url: str, options: list, conversation: Conversation,
@@ -1678,12 +1698,6 @@ def make_settings(args: argparse.Namespace, base_url: str, options: list, conver
         show_reasoning=args.reasoning == "show" or (args.reasoning is None and sys.stderr.isatty()),
         verbose=args.verbose,
     )
-
-
-def warn_about_plain_http(conn: Connection) -> None:
-    where = urlsplit(conn.base_url)
-    if conn.key and where.scheme == "http" and not is_loopback(where.hostname):
-        warn(f"sending the API key unencrypted to {where.netloc} over http://")
 
 
 def print_models(conn: Connection, verbose: bool) -> int:

@@ -236,6 +236,10 @@ class TestNames:
             assert done.code == 2 and "not a conversation name" in done.err, done.err
         assert answers.bodies == [] and sorted(tmp_path.rglob("*")) == before
 
+    def test_a_bad_name_is_reported_before_a_missing_key(self, run_chat):
+        done = run_chat("--chat", "../etc", "q", key=None)
+        assert done.code == 2 and "not a conversation name" in done.err
+
     @pytest.mark.parametrize("name", ["a", "Project_2.notes-v1", "x" * 64, "-dash-first"])
     def test_good_names(self, run_chat, server, name):
         url, _ = server("ok")
