@@ -735,7 +735,8 @@ def readable(message: dict) -> str:
     images = [part.get("image_url") for part in parts
               if isinstance(part, dict) and part.get("type") == "image_url"]
     urls = [image.get("url") if isinstance(image, dict) else image for image in images]
-    return "\n".join([message_text(content) or "", *(f"[image: {elide_base64(str(url))}]" for url in urls)])
+    lines = [message_text(content) or ""] + [f"[image: {elide_base64(str(url))}]" for url in urls]
+    return "\n".join(lines)
 
 
 def local_time(stamp: str | None) -> str:
@@ -795,7 +796,8 @@ def request(session, conn: Connection, path: str, body: dict | None, read, outpu
                 raise error from exc
             if output:
                 output.stop_waiting()
-            warn(str(error), conn.key, f"; retrying in {wait:.1f} s (attempt {attempt + 2} of {conn.retries + 1})")
+            retrying = f"; retrying in {wait:.1f} s (attempt {attempt + 2} of {conn.retries + 1})"
+            warn(str(error), conn.key, retrying)
             time.sleep(wait)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -1509,27 +1511,28 @@ def whole_number(minimum: int):
 
 
 def number(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_float(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}")
     return value
 
 
 def seconds(text: str) -> float:
+    value = finite_float(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float | None:
+    """The number in text, or None; nan and inf are no numbers here (JSON cannot carry them)."""
     import math
 
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
+        return None
+    return value if math.isfinite(value) else None
 
 
 def load_dotenv_file() -> None:

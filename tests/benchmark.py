@@ -135,7 +135,8 @@ class Emitter:
 def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, int, bytes]:
     """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout."""
     started = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**ENV, **(env or {})})
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                               env={**ENV, **(env or {})})
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)

@@ -34,7 +34,9 @@ REAL_STATE = Path.home() / ".local" / "state" / "chat-py"
 
 
 def listing(folder: Path) -> list:
-    return sorted((path.name, path.stat().st_mtime_ns) for path in folder.iterdir()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted((path.name, path.stat().st_mtime_ns) for path in folder.iterdir())
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,8 +50,8 @@ def real_home_is_untouched():
 def child_env(**extra) -> dict:
     """A minimal environment for chat.py started by a test: PATH, the test's own HOME and
     CHAT_PY_HOME (set by clean_environ), the fake key, and extra."""
-    return {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"],
-            "OPENAI_API_KEY": FAKE_KEY, **extra}
+    return {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
+            "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"], "OPENAI_API_KEY": FAKE_KEY, **extra}
 
 
 @pytest.fixture(autouse=True)

@@ -125,7 +125,8 @@ class TestRequestOptions:
 class TestFiles:
     @pytest.mark.parametrize(
         "text, fence",
-        [("plain", "```"), ("has ``` inside", "````"), ("``````six", "```````"), ("`one`", "```"), ("", "```")],
+        [("plain", "```"), ("has ``` inside", "````"), ("``````six", "```````"), ("`one`", "```"),
+         ("", "```")],
     )
     def test_fence_is_longer_than_any_backtick_run(self, text, fence):
         block = chat.file_block("a.md", text)
@@ -159,7 +160,8 @@ def test_api_url_keeps_the_query_after_the_path(base_url, expected):
 @pytest.mark.parametrize(
     "base_url, public",
     [("https://user:secret@h.example:8443/v1?api-key=sk-xyz", "https://h.example:8443/v1"),
-     ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"), ("http://[::1]:8080/v1", "http://[::1]:8080/v1")],
+     ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
+     ("http://[::1]:8080/v1", "http://[::1]:8080/v1")],
 )
 def test_public_url_has_no_user_password_or_query(base_url, public):
     assert chat.public_url(base_url) == public

@@ -308,14 +308,15 @@ class TestSmallThings:
 
     @pytest.mark.parametrize("reply, out", [("ends with a newline\n", "ends with a newline\n"),
                                             ("two\n\n", "two\n\n"), ("", "\n"), ("plain", "plain\n")])
-    def test_stdout_is_the_reply_and_exactly_one_final_newline(self, run_chat, httpserver, base_url, reply, out):
+    def test_stdout_is_the_reply_and_exactly_one_final_newline(self, run_chat, httpserver, base_url, reply,
+                                                                out):
         httpserver.expect_request(URL).respond_with_json(completion(reply))
         done = run_chat("--base-url", base_url, "q")
         assert (done.code, done.out) == (0, out)
 
     def test_the_404_hint_says_how_to_find_the_model_name(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json({"error": {"message": "model 'gpt-5.4-mini' not found"}},
-                                                         status=404)
+        body = {"error": {"message": "model 'gpt-5.4-mini' not found"}}
+        httpserver.expect_request(URL).respond_with_json(body, status=404)
         done = run_chat("--base-url", base_url, "q")
         assert done.code == 1
         assert done.err == ("error: HTTP 404 NOT FOUND: model 'gpt-5.4-mini' not found (requests go to "

@@ -249,7 +249,8 @@ class TestNames:
 
 class TestNotSaved:
     def test_a_failed_turn(self, run_chat, raw_server):
-        url, _ = raw_server(lambda conn, request: conn.sendall(json_response(400, {"error": {"message": "no"}})))
+        refusal = json_response(400, {"error": {"message": "no"}})
+        url, _ = raw_server(lambda conn, request: conn.sendall(refusal))
         assert run_chat("--base-url", url, "q").code == 1
         assert not home().exists() or files() == []
 
@@ -313,7 +314,8 @@ class TestNothingLost:
             time.sleep(10)
 
         slow_url, _ = raw_server(endless)
-        process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", slow_url, "-c", "--stream", "q2"],
+        process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", slow_url, "-c", "--stream",
+                                    "q2"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env={**os.environ, "OPENAI_API_KEY": FAKE_KEY})
         assert process.stdout.read(12) == b"streaming..."
@@ -334,13 +336,15 @@ class TestNothingLost:
             file.write(b'{"time": "2026-11-26T10:00:00Z", "user": {"role": "user", "content": "cut sh')
         done = run_chat("--base-url", url, "--chat", "torn", "q2")
         assert (done.code, done.out) == (0, "two\n")
-        assert done.err == f"warning: {path} line 2 is not a saved turn (a torn write or a bad edit?); skipped\n"
+        assert done.err == (f"warning: {path} line 2 is not a saved turn (a torn write or a bad edit?); "
+                            "skipped\n")
         assert [m["content"] for m in answers.bodies[1]["messages"]] == ["q1", "one", "q2"]
         raw = path.read_text().splitlines()
         assert len(raw) == 3 and raw[1].endswith('"content": "cut sh')
         assert json.loads(raw[2])["assistant"] == "two"
 
-    @pytest.mark.parametrize("bad", [b"not json at all", b'{"user": "a string, not a message", "assistant": "x"}',
+    @pytest.mark.parametrize("bad", [b"not json at all",
+                                     b'{"user": "a string, not a message", "assistant": "x"}',
                                      b'{"assistant": "no question"}', b"[1, 2]", b"\xff\xfe"])
     def test_a_bad_line_in_the_middle_is_skipped_with_its_number(self, run_chat, server, bad):
         url, answers = server("one", "two", "three")
@@ -359,7 +363,8 @@ class TestNothingLost:
         url, _ = server("still here")
         done = run_chat("--base-url", url, "q", env={"CHAT_PY_HOME": str(tmp_path / "a-file" / "chats")})
         assert (done.code, done.out) == (0, "still here\n")
-        assert done.err.startswith("warning: could not save the conversation to ") and "Not a directory" in done.err
+        assert done.err.startswith("warning: could not save the conversation to ")
+        assert "Not a directory" in done.err
         assert done.err.count("\n") == 1
 
     def test_a_full_disk_costs_only_a_warning(self, run_chat, server):
@@ -427,7 +432,8 @@ class TestManaging:
 
         Image.new("RGB", (8, 8), "red").save(tmp_path / "dot.png")
         url, _ = server("red dot")
-        assert run_chat("--base-url", url, "--chat", "pic", "-s", "Be brief.", "--image", "dot.png", "What?").code == 0
+        done = run_chat("--base-url", url, "--chat", "pic", "-s", "Be brief.", "--image", "dot.png", "What?")
+        assert done.code == 0
         out = run_chat("--show", "pic").out
         assert "system prompt: Be brief.\n" in out
         assert re.search(r"What\?\n\[image: data:image/png;base64,…\(\d+ characters\)\]\n", out)

@@ -431,7 +431,7 @@ class TestLongServerText:
         conn.sendall(error(500, message))
 
     def test_every_line_is_short(self, run_chat, raw_server, tmp_path):
-        Image.merge("RGB", [Image.effect_noise((1500, 1500), 60) for _ in range(3)]).save(tmp_path / "big.png")
+        noise((1500, 1500)).save(tmp_path / "big.png")
         url, received = raw_server(self.echo_request)
         done = run_chat("--base-url", url, "--detail", "original", "--image", "big.png", "q")
         assert (done.code, done.out) == (1, "")
@@ -444,9 +444,10 @@ class TestLongServerText:
         assert lines[-1].endswith("…") and lines[0].endswith("(attempt 2 of 3)")
 
     def test_the_trace_elides_and_cuts_too(self, run_chat, raw_server, tmp_path):
-        Image.merge("RGB", [Image.effect_noise((1000, 1000), 60) for _ in range(3)]).save(tmp_path / "big.png")
+        noise((1000, 1000)).save(tmp_path / "big.png")
         url, received = raw_server(self.echo_request)
-        done = run_chat("-v", "--base-url", url, "--retries", "0", "--detail", "original", "--image", "big.png", "q")
+        done = run_chat("-v", "--base-url", url, "--retries", "0", "--detail", "original",
+                        "--image", "big.png", "q")
         assert done.code == 1
         assert len(received[0]["body"]["messages"][0]["content"][1]["image_url"]["url"]) > 500_000
         assert len(done.err) < 20_000
@@ -481,16 +482,23 @@ class TestTimeouts:
     def test_a_smaller_timeout_shortens_connecting_too(self, run_chat):
         with full_listener() as port:
             started = time.monotonic()
-            done = run_chat("--base-url", f"http://127.0.0.1:{port}/v1", "--timeout", "0.4", "--retries", "0", "q")
+            done = run_chat("--base-url", f"http://127.0.0.1:{port}/v1", "--timeout", "0.4", "--retries", "0",
+                            "q")
         assert time.monotonic() - started < 5
         assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.4 s\n")
 
     def test_a_timeout_while_reasoning_suggests_streaming(self, run_chat, raw_server):
         url, _ = raw_server(lambda conn, request: nap(3))
-        done = run_chat("--base-url", url, "--timeout", "0.4", "--retries", "0", "--reasoning-effort", "high", "q")
+        done = run_chat("--base-url", url, "--timeout", "0.4", "--retries", "0", "--reasoning-effort", "high",
+                        "q")
         assert done.code == 4
         assert done.err == (f"error: {url[7:-3]} did not answer within 0.4 s (--timeout) "
                             "(a long think may need --stream or a larger --timeout)\n")
+
+
+def noise(size) -> Image.Image:
+    """A photo-like image: every pixel different, so it compresses badly."""
+    return Image.merge("RGB", [Image.effect_noise(size, 60) for _ in range(3)])
 
 
 @contextlib.contextmanager

@@ -230,7 +230,8 @@ def test_ctrl_c_mid_stream(server):
     env = child_env(OPENAI_API_KEY="")
     process = subprocess.Popen([sys.executable, str(CHAT), "--base-url", server.url, "--stream",
                                 LONG_QUESTION],
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env)
     try:
         first = process.stdout.read(1)  # the reply has started
         assert first

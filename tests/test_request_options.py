@@ -23,7 +23,8 @@ def events(*deltas, finish="stop", usage=None) -> bytes:
     chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
     if usage:
         chunks.append({"choices": [], "usage": usage})
-    return b"".join(b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks) + b"data: [DONE]\n\n"
+    lines = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    return b"".join(lines) + b"data: [DONE]\n\n"
 
 
 def streaming(raw_server, body: bytes):
@@ -83,7 +84,8 @@ class TestReasoning:
 
     @pytest.mark.parametrize("stream", [[], ["--stream"]])
     def test_a_limit_spent_on_reasoning_says_so(self, run_chat, raw_server, stream):
-        usage = {"prompt_tokens": 9, "completion_tokens": 64, "completion_tokens_details": {"reasoning_tokens": 64}}
+        usage = {"prompt_tokens": 9, "completion_tokens": 64,
+                 "completion_tokens_details": {"reasoning_tokens": 64}}
         if stream:
             url, _ = streaming(raw_server, events({"reasoning_content": "still thinking"}, finish="length",
                                                   usage=usage))
@@ -91,8 +93,8 @@ class TestReasoning:
             url, _ = answering(raw_server, {**completion("", finish_reason="length"), "usage": usage})
         done = run_chat("--base-url", url, *stream, "--max-tokens", "64", "q")
         assert (done.code, done.out) == (0, "\n")
-        assert done.err == ("warning: the token limit went to reasoning (64 reasoning tokens) before any answer: "
-                            "raise --max-tokens or lower --reasoning-effort\n")
+        assert done.err == ("warning: the token limit went to reasoning (64 reasoning tokens) before any "
+                            "answer: raise --max-tokens or lower --reasoning-effort\n")
 
     def test_think_tags_in_the_content_are_left_alone(self, run_chat, raw_server):
         url, _ = answering(raw_server, completion("<think>hm</think>Answer."))
@@ -110,8 +112,8 @@ class TestAnyField:
                         "-o", "verbosity", "low", "-o", "top_p", "NaN", "q")
         assert done.code == 0, done.err
         body = received[0]["body"]
-        assert body == {"model": "o-model", "messages": [{"role": "user", "content": "q"}], "temperature": 0.2,
-                        "reasoning_effort": "low", "seed": 42, "stop": ["\n"],
+        assert body == {"model": "o-model", "messages": [{"role": "user", "content": "q"}],
+                        "temperature": 0.2, "reasoning_effort": "low", "seed": 42, "stop": ["\n"],
                         "response_format": {"type": "json_object"}, "verbosity": "low", "top_p": "NaN"}
 
     @pytest.mark.parametrize("key", ["messages", "stream"])
@@ -182,7 +184,8 @@ class TestModels:
         assert done.code == 2 and "OPENAI_API_KEY" in done.err
 
     def test_errors_exit_as_elsewhere(self, run_chat, raw_server):
-        url, _ = raw_server(lambda conn, request: conn.sendall(json_response(401, {"error": {"message": "bad key"}})))
+        refusal = json_response(401, {"error": {"message": "bad key"}})
+        url, _ = raw_server(lambda conn, request: conn.sendall(refusal))
         done = run_chat("--base-url", url, "--models")
         assert (done.code, done.err) == (1, "error: HTTP 401 Unauthorized: bad key\n")
 
@@ -210,10 +213,12 @@ class TestFiles:
         (tmp_path / "a.py").write_text("print('a')\n")
         (tmp_path / "notes.md").write_text("Use ```code``` fences.")
         url, received = answering(raw_server, completion("ok"))
-        done = run_chat("--base-url", url, "-f", "a.py", "--file", "notes.md", "Compare", stdin="piped text\n")
+        done = run_chat("--base-url", url, "-f", "a.py", "--file", "notes.md", "Compare",
+                        stdin="piped text\n")
         assert done.code == 0, done.err
         assert received[0]["body"]["messages"][0]["content"] == (
-            "Compare\n\npiped text\n\na.py\n```\nprint('a')\n```\n\nnotes.md\n````\nUse ```code``` fences.\n````")
+            "Compare\n\npiped text\n\na.py\n```\nprint('a')\n```\n\n"
+            "notes.md\n````\nUse ```code``` fences.\n````")
 
     def test_a_file_alone_is_a_question(self, run_chat, raw_server, tmp_path):
         (tmp_path / "q.txt").write_text("What is 2+2?")
@@ -237,8 +242,8 @@ class TestFiles:
          ("blob.bin", b"\x00\x01binary", "cannot add blob.bin: it is not a text file (it holds NUL bytes)"),
          ("photo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "(attach pictures with --image)")],
     )
-    def test_bad_files_exit_2_naming_the_file_and_send_nothing(self, run_chat, raw_server, tmp_path, name, make,
-                                                               words):
+    def test_bad_files_exit_2_naming_the_file_and_send_nothing(self, run_chat, raw_server, tmp_path, name,
+                                                               make, words):
         if make == "dir":
             (tmp_path / name).mkdir()
         elif make is not None:

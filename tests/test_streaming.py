@@ -114,7 +114,8 @@ class TestStreamingCli:
         assert received[0]["body"]["stream"] is True
 
     @pytest.mark.parametrize("deltas, out", [(("line one\n", "line two\n"), "line one\nline two\n"),
-                                             (("ends", "\n"), "ends\n"), ((), "\n"), (("no end",), "no end\n")])
+                                             (("ends", "\n"), "ends\n"), ((), "\n"),
+                                             (("no end",), "no end\n")])
     def test_a_reply_ending_with_a_newline_gets_no_second_one(self, run_chat, raw_server, deltas, out):
         url, _ = sse_server(raw_server, stream_events(*deltas))
         done = run_chat("--base-url", url, "--stream", "hi")
