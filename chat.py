@@ -1216,9 +1216,8 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
 def reply_warning(reply: Reply) -> str | None:
     """What to tell the user about a reply that may not be whole."""
     if reply.finish_reason == "length" and not reply.text.strip():
-        spent = (reply.usage or {}).get("completion_tokens_details") or {}
-        count = spent.get("reasoning_tokens") if isinstance(spent, dict) else None
-        tokens = f" ({count} reasoning tokens)" if isinstance(count, int) else ""
+        count = token_detail(reply.usage, "completion_tokens_details", "reasoning_tokens")
+        tokens = f" ({count} reasoning tokens)" if count is not None else ""
         return (f"the token limit went to reasoning{tokens} before any answer: "
                 "raise --max-tokens or lower --reasoning-effort")
     if reply.finish_reason == "length":
@@ -1232,15 +1231,23 @@ def reply_warning(reply: Reply) -> str | None:
 
 def usage_line(usage) -> str:
     """-u: the token counts the server reported, as they were reported."""
-    if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
+    if not (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
+            and isinstance(usage.get("completion_tokens"), int)):
         return "usage: not reported by the server"
-    counts = [f"{usage['prompt_tokens']} in", f"{usage.get('completion_tokens')} out"]
-    for details, name, label in (("prompt_tokens_details", "cached_tokens", "cached"),
-                                 ("completion_tokens_details", "reasoning_tokens", "reasoning")):
-        value = (usage.get(details) or {}).get(name) if isinstance(usage.get(details), dict) else None
-        if isinstance(value, int):
+    counts = [f"{usage['prompt_tokens']} in", f"{usage['completion_tokens']} out"]
+    for group, name, label in (("prompt_tokens_details", "cached_tokens", "cached"),
+                               ("completion_tokens_details", "reasoning_tokens", "reasoning")):
+        value = token_detail(usage, group, name)
+        if value is not None:
             counts.append(f"{value} {label}")
     return "usage: " + ", ".join(counts)
+
+
+def token_detail(usage, group: str, name: str) -> int | None:
+    """A count inside usage's prompt_tokens_details or completion_tokens_details, if reported."""
+    details = usage.get(group) if isinstance(usage, dict) else None
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if isinstance(value, int) else None
 
 
 class Output:
@@ -1620,7 +1627,7 @@ def run(args: argparse.Namespace, key: str) -> int:
     if args.model == "":
         raise UsageError("-m/--model needs a model name")
     options = parse_options(args.option)
-    saving = not (args.no_save or args.curl) and os.environ.get("CHAT_PY_NO_SAVE", "") in ("", "0")
+    saving = not args.no_save and os.environ.get("CHAT_PY_NO_SAVE", "") in ("", "0")
     conversation = open_conversation(args, folder, saving)
     piped = read_piped_stdin(sys.stdin)
     files = [file_block(path, read_text_file(path)) for path in args.file]

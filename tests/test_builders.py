@@ -206,6 +206,7 @@ class TestReplyReport:
         [
             (None, "usage: not reported by the server"),
             ({}, "usage: not reported by the server"),
+            ({"prompt_tokens": 3}, "usage: not reported by the server"),
             ({"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}, "usage: 12 in, 34 out"),
             ({"prompt_tokens": 12, "completion_tokens": 34,
               "prompt_tokens_details": {"cached_tokens": 0},
@@ -225,6 +226,7 @@ class TestReplyReport:
         assert "token limit went to reasoning (64 reasoning tokens)" in warning
         assert "--max-tokens" in warning and "--reasoning-effort" in warning
         assert "(64" not in chat.reply_warning(chat.Reply("", "", "length", None))
+        assert "(64" not in chat.reply_warning(chat.Reply("", "", "length", ["not", "a", "dict"]))
         assert "cut off" in chat.reply_warning(chat.Reply("some text", "", "length", None))
 
 

@@ -98,7 +98,8 @@ class TestSaving:
 
     def test_modes_are_private_whatever_the_umask(self, server, tmp_path):
         url, _ = server("ok")
-        for umask, folder in ((0o000, tmp_path / "open"), (0o077, tmp_path / "closed")):
+        for umask, folder in ((0o000, tmp_path / "open"), (0o077, tmp_path / "closed"),
+                              (0o277, tmp_path / "unwritable")):
             env = {**os.environ, "OPENAI_API_KEY": FAKE_KEY, "CHAT_PY_HOME": str(folder / "deep" / "chats")}
             done = subprocess.run([sys.executable, str(CHAT), "--base-url", url, "q"], env=env,
                                   capture_output=True, preexec_fn=lambda umask=umask: os.umask(umask))
@@ -405,13 +406,17 @@ class TestManaging:
         assert (done.code, done.out) == (0, "")
         assert done.err == f"no saved conversations in {home()}\n"
 
-    def test_chats_counts_a_retried_turn_once(self, run_chat, three):
+    def test_a_retried_turn_replaces_the_one_before(self, run_chat, raw_server, three):
         path = home() / "beta.jsonl"
         turn = lines(path)[0]
         with open(path, "a") as file:
             file.write(json.dumps({"retry": True, **turn, "assistant": "better"}) + "\n")
         assert re.match(r"beta\s+1 turn ", run_chat("--chats").out.splitlines()[0])
-        assert "better" in run_chat("--show", "beta").out
+        shown = run_chat("--show", "beta").out
+        assert "conversation beta: 1 turn\n" in shown and "better" in shown and "b1" not in shown
+        url, received = raw_server(lambda conn, request: conn.sendall(json_response(200, completion("ok"))))
+        assert run_chat("--base-url", url, "--chat", "beta", "next").code == 0
+        assert [m["content"] for m in received[0]["body"]["messages"]] == ["Beta question", "better", "next"]
 
     def test_show_prints_each_question_and_answer(self, run_chat, three):
         done = run_chat("--show", "alpha", key=None)

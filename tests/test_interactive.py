@@ -179,9 +179,13 @@ def test_ctrl_d_leaves_the_shell_prompt_on_the_next_line(chat_session):
     assert child.exitstatus == 0
 
 
-def test_a_pasted_block_is_one_message(chat_session):
+def test_a_pasted_block_is_one_message(raw_server):
     script = Script("one answer")
-    child = chat_session(script, TERM="xterm")
+    url, _ = raw_server(script)
+    child = spawn("--base-url", url, TERM="xterm")
+    # A terminal brackets a paste only once the program has asked for it (ESC [ ? 2004 h).
+    child.expect_exact("\x1b[?2004h")
+    child.expect_exact(PROMPT)
     child.send("\x1b[200~first line\rsecond line\r\rlast line\x1b[201~")
     child.send("\r")
     child.expect_exact("one answer")
