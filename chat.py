@@ -1770,7 +1770,7 @@ HELP = """\
 /model NAME    use another model from the next question on
 /system TEXT   set the system prompt from the next question on
 \"\"\"            on a line of its own: start a multi-line message; end it with another
-//text         send a message that starts with /text"""
+//text         send "/text" as a message"""
 
 
 def converse(session, conn: Connection, settings: Settings, conversation: Conversation,
@@ -1848,7 +1848,7 @@ def run_command(command: str, argument: str, settings: Settings) -> str:
 def banner(settings: Settings, conn: Connection, conversation: Conversation) -> str:
     where = urlsplit(conn.base_url).netloc
     if settings.model == DEFAULT_MODEL and not is_openai_host(conn.base_url):
-        where += " (the model is chat.py's default: a server may name its own, see --models)"
+        where += " (a default model name: --models lists the server's)"
     turns = len(conversation.turns)
     which = (f"conversation {conversation.name}, {turns} turn{'' if turns == 1 else 's'}" if turns
              else f"new conversation {conversation.name}")

@@ -119,7 +119,7 @@ def test_banner_says_when_the_model_is_only_chat_pys_default(raw_server):
     url, _ = raw_server(Script())
     child = spawn("--base-url", url)
     child.expect_exact("gpt-5.4-mini at 127.0.0.1:")
-    child.expect_exact("(the model is chat.py's default: a server may name its own, see --models)")
+    child.expect_exact("(a default model name: --models lists the server's)")
     assert leave(child) == 0
 
 
