@@ -1167,14 +1167,16 @@ def stream_reply(response, output: Output, trace=None) -> Reply:
         decoder = SSEDecoder(trace.sse_line if trace else None)
         for chunk in iter_body(response):
             for event, data in decoder.feed(chunk):
-                if data.strip() == "[DONE]":
+                if data == "[DONE]":
                     reply.done = True
                     break
                 text, reasoning = read_stream_event(event, data, reply)
-                output.reasoning(reasoning)
-                output.text(text)
-                texts.append(text)
-                thoughts.append(reasoning)
+                if reasoning:
+                    output.reasoning(reasoning)
+                    thoughts.append(reasoning)
+                if text:
+                    output.text(text)
+                    texts.append(text)
             # One flush per network read, not per delta: the text that has arrived is
             # on screen before the next wait, with a fraction of the write calls.
             output.flush()
@@ -1188,7 +1190,7 @@ def stream_reply(response, output: Output, trace=None) -> Reply:
 
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     """The text and the reasoning one stream event adds; records finish_reason and usage."""
-    if not data.strip():
+    if not data or data.isspace():
         return "", ""  # empty or blank data: a keep-alive some servers send
     try:
         chunk = json.loads(data)
@@ -1257,19 +1259,21 @@ class Output:
     def __init__(self, show_reasoning: bool, spin: bool):
         self.show_reasoning = show_reasoning
         self.color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-        self.spinner = Spinner(self.color) if spin else None
+        self.spin = spin
+        self.spinner = None  # a Spinner while waiting
         self.started = False  # text is on stdout: a failure can no longer be retried
         self.line_open = False  # the text so far does not end with a newline
         self.thinking = False  # reasoning is being shown on stderr
         self.thought_open = False  # ... and does not end with a newline
 
     def wait(self) -> None:
-        if self.spinner:
-            self.spinner.start()
+        if self.spin and not self.spinner:
+            self.spinner = Spinner(self.color)
 
     def stop_waiting(self) -> None:
         if self.spinner:
             self.spinner.stop()
+            self.spinner = None
 
     def reasoning(self, text: str) -> None:
         if not text or not self.show_reasoning:
@@ -1284,7 +1288,8 @@ class Output:
     def text(self, text: str) -> None:
         if not text:
             return
-        self.end_reasoning()
+        if self.thinking or self.spinner:
+            self.end_reasoning()
         sys.stdout.write(text)
         self.started = True
         self.line_open = not text.endswith("\n")
@@ -1324,27 +1329,21 @@ class Output:
 
 
 class Spinner:
-    """One stderr line counting the seconds waited, redrawn until stop() erases it."""
+    """One stderr line counting the seconds waited, from its start until stop() erases it."""
 
     FRAMES = "|/-\\"
 
     def __init__(self, color: bool):
-        self.color = color
-        self.thread = None
-
-    def start(self) -> None:
         import threading
 
-        if not self.thread:
-            self.stopping = threading.Event()
-            self.thread = threading.Thread(target=self.spin, daemon=True)
-            self.thread.start()
+        self.color = color
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.spin, daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
-        if self.thread:
-            self.stopping.set()
-            self.thread.join()
-            self.thread = None
+        self.stopping.set()
+        self.thread.join()
 
     def spin(self) -> None:
         started, frame, line = time.monotonic(), 0, ""
