@@ -457,13 +457,7 @@ def encode_image_file(path: str, detail: str | None) -> tuple[str, str]:
                 prepared = ImageOps.exif_transpose(shrink_image(image, detail))
                 mime, data = encode_image(prepared)
                 size = os.path.getsize(path)
-                if reason is None and size <= len(data):
-                    mime, original = Image.MIME[kind], read_bytes(path)
-                    sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
-                    data = original
-                else:
-                    sent = (f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
-                            f"{len(data):,} bytes ({reason or 'smaller than the file'})")
+                original = read_bytes(path) if reason is None and size <= len(data) else None
     except Image.UnidentifiedImageError:
         raise UsageError(f"cannot decode image {path}: not an image format Pillow knows") from None
     except OSError as exc:
@@ -474,6 +468,12 @@ def encode_image_file(path: str, detail: str | None) -> tuple[str, str]:
         raise UsageError(f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except Exception as exc:  # Pillow's decoders raise many types on damaged files
         raise UsageError(f"cannot decode image {path}: {exc}") from None
+    if original is not None:
+        sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
+        mime, data = Image.MIME[kind], original
+    else:
+        sent = (f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
+                f"{len(data):,} bytes ({reason or 'smaller than the file'})")
     note = f"image {path}: {source}, {size:,} bytes; {sent}"
     return f"data:{mime};base64,{base64_text(data)}", note
 
