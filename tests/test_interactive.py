@@ -325,6 +325,15 @@ class TestOnATerminal:
         assert erased.endswith("\r" + " " * len("| waiting 1 s") + "\r")
         assert "\x1b[2m" in erased  # dimmed
 
+    def test_a_stream_stops_the_spinner_before_its_first_text(self, raw_server):
+        url, _ = raw_server(Script(("late", 1.2, "streamed at last")))
+        child = spawn("--base-url", url, "--no-save", "--stream", "a question")
+        child.expect_exact("waiting 1 s")
+        child.expect_exact("streamed at last")
+        assert child.before.endswith(" \r")  # erased first
+        child.expect(pexpect.EOF)
+        assert "waiting" not in child.before and " \r" not in child.before  # nothing drawn over the text
+
     def test_no_colour_under_no_color(self, raw_server):
         url, _ = raw_server(Script(("late", 0.5, "plain")))
         child = spawn("--base-url", url, "--no-save", "q", NO_COLOR="1")
