@@ -14,13 +14,18 @@
     $ git diff | python chat.py "Review this"
     $ python chat.py --image cat.jpg "What is in this picture?"
     $ python chat.py --stream --base-url http://127.0.0.1:8080/v1 "Explain APIs"
+    $ cat invoice.txt | python chat.py --schema 'vendor, total float' "Extract"
     $ python chat.py                      # no question on a terminal: a conversation
     $ python chat.py --image missing.jpg "What is this?"
     error: cannot read image missing.jpg: No such file or directory
 
 The reply goes to stdout; reasoning, warnings and errors go to stderr. Exit codes:
 0 reply printed, 1 API error, 2 usage or input error, 3 network failure,
-4 timeout, 130 interrupted. Every answered question is saved (see --chats).
+4 timeout, 70 a bug in chat.py, 130 interrupted. Every answered question is saved (see --chats).
+
+The file reads top to bottom: constants; errors and records (with the surroundings: streams,
+terminal flags, environment); builders of the request; transport; replies and output; saved
+conversations; the command line; main(); conversation mode.
 """
 
 from __future__ import annotations
@@ -34,18 +39,20 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import math
 import os
 import re
+import stat
 import sys
 import time
-import warnings
 from enum import IntEnum
 from urllib.parse import urlsplit
 
-# requests (with urllib3) is imported inside the functions that talk to a server, so that the
-# commands that need none (--help, --chats, --show, --curl, usage errors) start without it.
+# requests (with urllib3), python-dotenv and Pillow are imported inside the functions that need
+# them, so that the commands that need none (--help, --chats, --show, --curl, usage errors)
+# start without them.
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 
 DEFAULT_MODEL = "gpt-5.4-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -60,6 +67,23 @@ INITIAL_RETRY_DELAY = 0.5  # seconds; doubles on each retry
 MAX_RETRY_DELAY = 8.0  # seconds
 MAX_RETRY_AFTER = 120.0  # seconds; a server asking for longer gets no retry
 RETRY_STATUSES = {408, 409, 429}  # and every 5xx
+
+# What a server or a file can make chat.py hold. A reply (after HTTP decompression), a
+# stream's text or one SSE event over MAX_REPLY is refused; so is piped stdin or a -f file
+# over MAX_INPUT, read no further than that. An error body is cut at MAX_ERROR_BODY.
+MAX_REPLY = 64 * 1024 * 1024
+MAX_INPUT = 16 * 1024 * 1024
+MAX_ERROR_BODY = 1024 * 1024
+MAX_DOTENV = 64 * 1024
+LARGE_QUESTION = 1_000_000  # characters; a larger question gets a note of its size in tokens
+CHARS_PER_TOKEN = 4  # roughly, for English text and code
+
+# .env supplies these and nothing else: a proxy, CA bundle or state folder in a cloned
+# repository's .env would take the key or the conversations.
+DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
+# Names worth a warning when a .env sets them: they used to work there, or look as if they would.
+IGNORED_IN_DOTENV = re.compile(r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+",
+                               re.I)
 
 # Detail level -> how many pixels of a local image are worth uploading.
 # "low" is seen as one 512x512 thumbnail; "high" (and "auto", the default)
@@ -80,20 +104,41 @@ AS_IS_MODES = {
 TEXT_SNIFF_BYTES = 8192  # a NUL byte this early means a -f file is not text
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic")
 
+# --schema's short form: "name, age int, bio: one sentence"
+SHORT_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
+               "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean"}
+FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+FORMAT_REJECTED = re.compile(r"response_format|json_schema")
+
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
 RETRY_LINE_START = b'{"retry": true'
+HISTORY_FILE = "history"  # conversation mode's line history, in the state folder
+HISTORY_LINES = 1000
 
-READ_SIZE = 64 * 1024  # most bytes taken from the socket per read while streaming
+READ_SIZE = 64 * 1024  # most bytes taken from the socket per read
 LINE_CHARS = 300  # the longest error: or warning: line
+BANNER_CHARS = 80
 TRACE_STRING_CHARS = 500  # -v cuts longer strings of a JSON body
 TRACE_TEXT_CHARS = 2000  # -v cuts a longer body that is not JSON
 DATA_URL = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)([A-Za-z0-9+/=]+)")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
+# What a terminal would take as a command rather than text: C0 controls but newline and tab,
+# a carriage return not followed by a newline, DEL, and the C1 controls.
+CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available context size|"
+                              r"maximum context length|context window|context length", re.I)
 # Keys shorter than this are placeholders ("none", "x") that local servers
 # accept; masking them would garble every message that contains the letters.
 MIN_SECRET_CHARS = 8
-DIM, NORMAL = "\x1b[2m", "\x1b[0m"  # how reasoning is shown on a terminal
+DIM, NORMAL = "\x1b[2m", "\x1b[0m"  # how reasoning and the spinner are shown on a terminal
+ERASE_LINE = "\r\x1b[K"
+# The packages chat.py needs, by the name of a module that fails to import without them.
+PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
+            "idna": "requests", "certifi": "requests", "dotenv": "python-dotenv", "PIL": "Pillow"}
+
+
+# ---------------------------------------------------------------- errors and records
 
 
 class ExitStatus(IntEnum):
@@ -104,18 +149,24 @@ class ExitStatus(IntEnum):
     USAGE = 2
     NETWORK = 3
     TIMEOUT = 4
+    BUG = 70  # sysexits' EX_SOFTWARE
     INTERRUPTED = 130
 
 
 class ChatError(Exception):
-    """A failure chat.py explains in one line; the class picks the exit code.
-    The hint is advice that stays whole when a long message is cut to fit the line."""
+    """A failure chat.py explains in one line; the class picks the exit code. The hint is
+    advice that stays whole when a long message is cut to fit the line; brief is what a retry
+    warning says; retryable and retry_after say whether, and when, another try could help."""
 
     exit_status = ExitStatus.API_ERROR
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", brief: str = "", retryable: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.hint = hint
+        self.brief = brief or message
+        self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class UsageError(ChatError):
@@ -131,60 +182,231 @@ class TimedOut(ChatError):
 
 
 class ApiError(ChatError):
-    """The server answered, but not with a usable reply."""
+    """The server answered, but not with a usable reply; status is its HTTP error status."""
 
-    def __init__(self, message: str, hint: str = "", retryable: bool = False,
-                 retry_after: float | None = None):
-        super().__init__(message, hint)
-        self.retryable = retryable
-        self.retry_after = retry_after
+    def __init__(self, message: str, status: int = 0, **details):
+        super().__init__(message, **details)
+        self.status = status
+
+
+def redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_CHARS:
+            text = text.replace(secret, "[redacted]")
+    return text
+
+
+def elide_base64(text: str) -> str:
+    """text with each data: URL's payload, and any other long Base64 run, cut to its length."""
+    text = DATA_URL.sub(lambda match: f"{match[1]}…({len(match[2]):,} characters)", text)
+    return BASE64_RUN.sub(lambda match: f"…({len(match[0]):,} characters of Base64)", text)
+
+
+def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS) -> str:
+    """A message as one readable line of at most room characters: secrets redacted first,
+    then Base64 elided, line breaks and runs of spaces made single spaces, the rest cut."""
+    text = " ".join(elide_base64(redact(message, secrets)).split())
+    return text if len(text) <= room else text[: room - 1] + "…"
+
+
+def visible(text: str) -> str:
+    """text with every character a terminal would obey as a command shown as an escape
+    (ESC as \\x1b): what came from a server or a file can print, never steer the terminal."""
+    if not CONTROL_CHARS.search(text):
+        return text
+    return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+
+
+def host_of(url: str) -> str:
+    """host:port of a URL, without any user or password."""
+    return urlsplit(url).netloc.rpartition("@")[2]
+
+
+def shown_url(url: str) -> str:
+    """url as chat.py displays it: a password in it becomes ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return parts._replace(netloc=f"{user}:***@{host_of(url)}").geturl()
+
+
+class Spinner:
+    """One stderr line counting the seconds waited, from its start until stop() erases it.
+    Lines printed meanwhile go above it (above()), so the two never tangle."""
+
+    FRAMES = "|/-\\"
+
+    def __init__(self, stream, color: bool):
+        import threading
+
+        self.stream, self.color = stream, color
+        self.lock = threading.Lock()
+        self.shown = False
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.spin, daemon=True)
+        self.thread.start()
+
+    def spin(self) -> None:
+        started, frame = time.monotonic(), 0
+        while not self.stopping.wait(0.1):
+            line = f"{self.FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
+            with self.lock:
+                self.stream.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
+                self.stream.flush()
+                self.shown = True
+            frame += 1
+
+    def above(self, line: str) -> None:
+        with self.lock:
+            self.stream.write((ERASE_LINE if self.shown else "") + line + "\n")
+            self.stream.flush()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        if self.shown:  # erased to the end of the line: a ^C the terminal echoed goes too
+            self.stream.write(ERASE_LINE)
+            self.stream.flush()
+
+
+class Env:
+    """The process's surroundings: its streams, which of them are terminals, its environment
+    variables, its current folder, and how it reads a line and waits. main() makes one from
+    the real process; a test passes its own. Everything chat.py shows goes through here:
+    on stderr always, and on stdout when it is a terminal, control characters are made visible."""
+
+    def __init__(self, stdin=None, stdout=None, stderr=None, environ: dict | None = None,
+                 cwd: str = ".", ttys: tuple[bool, bool, bool] = (False, False, False),
+                 read_line=input, sleep=time.sleep):
+        self.stdin = stdin  # binary; None when the process started with stdin closed
+        self.stdout, self.stderr = stdout, stderr  # text
+        self.environ = {} if environ is None else environ
+        self.cwd = cwd
+        self.stdin_tty, self.stdout_tty, self.stderr_tty = ttys
+        self.read_line = read_line
+        self.sleep = sleep
+        self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
+        self.spinner: Spinner | None = None
+
+    @classmethod
+    def of_process(cls) -> Env:
+        def is_tty(stream) -> bool:
+            return stream is not None and stream.isatty()
+
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
+        try:
+            cwd = os.getcwd()
+        except OSError:  # the folder was deleted under us
+            cwd = "."
+        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, cwd,
+                   (is_tty(sys.stdin), is_tty(sys.stdout), is_tty(sys.stderr)))
+
+    def get(self, name: str) -> str:
+        """An environment variable; empty and unset are the same."""
+        return self.environ.get(name, "").strip()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cwd, name)
+
+    @property
+    def color(self) -> bool:
+        return self.stderr_tty and not self.environ.get("NO_COLOR")
+
+    def write(self, text: str) -> None:
+        """Text for stdout: exactly as given into a pipe or file, made visible on a terminal."""
+        self.stdout.write(visible(text) if self.stdout_tty else text)
+
+    def say(self, line: str) -> None:
+        """One line on stderr, secrets redacted and control characters made visible."""
+        line = visible(redact(line, self.secrets))
+        if self.spinner:
+            self.spinner.above(line)
+        else:
+            self.stderr.write(line + "\n")
+            self.stderr.flush()
+
+    def warn(self, message: str, tail: str = "") -> None:
+        """warning: MESSAGE, cut to fit one line, then the tail whole."""
+        room = LINE_CHARS - len("warning: ") - len(tail)
+        self.say(f"warning: {one_line(message, self.secrets, room)}{tail}")
+
+    def error(self, exc: ChatError, hint: str = "") -> None:
+        """error: MESSAGE HINT. The message is cut to fit one line; the hints stay whole."""
+        hint = "".join(f" {part}" for part in (exc.hint, hint) if part)
+        self.say(f"error: {one_line(str(exc), self.secrets, LINE_CHARS - len('error: ') - len(hint))}"
+                 f"{hint}")
+
+    def start_spinner(self) -> None:
+        if self.stderr_tty and not self.spinner:
+            self.spinner = Spinner(self.stderr, self.color)
+
+    def stop_spinner(self) -> None:
+        if self.spinner:
+            self.spinner.stop()
+            self.spinner = None
 
 
 # Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost
 # about a seventh of chat.py's start-up.
 
 
+class Server:
+    """Where requests go and how: the base URL, the key, how long to wait and how often to try;
+    and where the URL and key came from, for the rule that a key goes where its owner sent it."""
+
+    def __init__(self, base_url: str, key: str = "", timeout: float = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, url_from_dotenv: bool = False,
+                 key_from_dotenv: bool = False, model: str = ""):
+        self.base_url = base_url
+        self.key = key
+        self.timeout = timeout
+        self.retries = retries
+        self.url_from_dotenv = url_from_dotenv
+        self.key_from_dotenv = key_from_dotenv
+        self.model = model  # OPENAI_MODEL, from the environment or .env
+
+    @property
+    def host(self) -> str:
+        return host_of(self.base_url)
+
+
 class Settings:
     """What the user asked for, apart from the question: the request body's fields and how
     to show the reply."""
 
-    def __init__(self, model: str, base_url: str, system: str | None = None,
-                 temperature: float | None = None, max_tokens: int | None = None,
-                 reasoning_effort: str | None = None, options: list[tuple[str, object]] = (),
+    def __init__(self, model: str, system: str | None = None, temperature: float | None = None,
+                 max_tokens: int | None = None, reasoning_effort: str | None = None,
+                 options: list[tuple[str, object]] = (), schema: dict | None = None,
                  stream: bool = False, usage: bool = False, show_reasoning: bool = False,
                  verbose: bool = False):
         self.model = model
-        self.base_url = base_url  # decides the name of the max-tokens field
         self.system = system
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.reasoning_effort = reasoning_effort
         self.options = options  # -o KEY VALUE pairs, applied last
+        self.schema = schema  # --schema's JSON Schema
         self.stream = stream
         self.usage = usage
         self.show_reasoning = show_reasoning
         self.verbose = verbose
 
 
-class Connection:
-    """Where requests go, with which key, and how long and how often to try."""
-
-    def __init__(self, base_url: str, key: str, timeout: float, retries: int):
-        self.base_url = base_url
-        self.key = key
-        self.timeout = timeout
-        self.retries = retries
-
-
 class Reply:
-    """What the server answered: the text, the reasoning, why it stopped, the token usage."""
+    """What the server answered: the text (tool calls included, as JSON lines), the reasoning,
+    why it stopped, the token usage, the model it names, how many choices it sent."""
 
-    def __init__(self, text: str = "", reasoning: str = "", finish_reason: str | None = None,
-                 usage: dict | None = None, streamed: bool = False):
-        self.text = text
-        self.reasoning = reasoning
-        self.finish_reason = finish_reason
-        self.usage = usage
+    def __init__(self, streamed: bool = False):
+        self.text = ""
+        self.reasoning = ""
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.model: str | None = None
+        self.choices = 1
+        self.tool_calls: dict[int, dict] = {}  # index -> {"name": ..., "arguments": ...}
+        self.size = 0  # characters of text, reasoning and tool-call arguments held
         self.streamed = streamed
         self.done = False  # the stream said [DONE]
 
@@ -200,121 +422,23 @@ class Conversation:
 
     @property
     def path(self) -> str:
-        return conversation_file(self.folder, self.name)
-
-    def add(self, turn: dict, retry: bool = False, key: str = "") -> None:
-        """Keep a finished turn; a retry replaces the turn before it. Saving never costs
-        the reply: a failure to write is a warning."""
-        if retry:
-            self.turns.pop()
-        self.turns.append(turn)
-        if self.save:
-            try:
-                append_line(self.folder, self.path, {"retry": True, **turn} if retry else turn, key)
-            except OSError as exc:
-                warn(f"could not save the conversation to {self.path}: {exc.strerror or exc}")
+        return os.path.join(self.folder, f"{self.name}.jsonl")
 
 
-# ---------------------------------------------------------------- builders
+class Chat:
+    """What every question of a run shares: its surroundings, the server, the settings, the
+    conversation and the HTTP session."""
+
+    def __init__(self, env: Env, server: Server, settings: Settings, conversation: Conversation,
+                 session=None):
+        self.env = env
+        self.server = server
+        self.settings = settings
+        self.conversation = conversation
+        self.session = session
 
 
-def build_question(words: list[str], piped: str | None, files: list[str] = ()) -> str:
-    """The question words, then piped text, then files, each part after a blank line."""
-    question = " ".join(words).strip()
-    # Keep the indentation of piped text's first line; drop blank lines around it.
-    piped = (piped or "").rstrip().lstrip("\r\n")
-    return "\n\n".join(part for part in (question, piped, *files) if part)
-
-
-def read_text_file(path: str) -> str:
-    """A -f file's text, as UTF-8; a missing, unreadable or binary file is a usage error."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        raise UsageError(f"cannot read file {path}: {exc.strerror or exc}") from None
-    if b"\0" in data[:TEXT_SNIFF_BYTES]:
-        is_picture = path.lower().endswith(IMAGE_SUFFIXES)
-        raise UsageError(f"cannot add {path}: it is not a text file (it holds NUL bytes)",
-                         hint="(attach pictures with --image)" if is_picture else "")
-    return decode_utf8(data, path)
-
-
-def decode_utf8(data: bytes, source: str) -> str:
-    """Text as UTF-8; undecodable bytes are replaced, with a warning. A leading BOM is dropped."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        warn(f"{source} is not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
-             "undecodable bytes were replaced with U+FFFD")
-        text = data.decode("utf-8", "replace")
-    return text.removeprefix("\ufeff")
-
-
-def file_block(path: str, text: str) -> str:
-    """The path, then the text in a code fence longer than any run of backticks inside it."""
-    longest = max((len(run) for run in re.findall("`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
-    if text and not text.endswith("\n"):
-        text += "\n"
-    return f"{path}\n{fence}\n{text}{fence}"
-
-
-def build_user_message(question: str, image_urls: list[str], detail: str | None) -> dict:
-    """The user message: plain text, or a text part followed by one part per image."""
-    if not image_urls:
-        return {"role": "user", "content": question}
-    parts = [{"type": "text", "text": question}]
-    for url in image_urls:
-        image = drop_nones({"url": url, "detail": detail})
-        parts.append({"type": "image_url", "image_url": image})
-    return {"role": "user", "content": parts}
-
-
-def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
-    """The messages of one request: the system prompt, the earlier turns, the new question."""
-    messages = [{"role": "system", "content": system}] if system else []
-    for turn in turns:
-        messages += [turn["user"], {"role": "assistant", "content": turn["assistant"]}]
-    return messages + [user_message]
-
-
-def build_body(settings: Settings, messages: list[dict]) -> dict:
-    """The chat-completions request body, holding only the fields that were asked for."""
-    body = drop_nones({
-        "model": settings.model,
-        "messages": messages,
-        "temperature": settings.temperature,
-        max_tokens_field(settings.base_url): settings.max_tokens,
-        "reasoning_effort": settings.reasoning_effort,
-        "stream": True if settings.stream else None,
-        # Only with -u: some servers reject the field.
-        "stream_options": {"include_usage": True} if settings.stream and settings.usage else None,
-    })
-    for key, value in settings.options:
-        if value is None:
-            body.pop(key, None)
-        else:
-            body[key] = value
-    return body
-
-
-def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
-    """-o KEY VALUE pairs, VALUE as JSON when it parses (null: leave KEY out), else as text."""
-    for key, _ in pairs:
-        if key in ("messages", "stream"):
-            raise UsageError(f"-o {key}: chat.py builds '{key}' itself")
-    return [(key, json_or_text(text)) for key, text in pairs]
-
-
-def json_or_text(text: str):
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not JSON")
-
-    try:
-        return json.loads(text, parse_constant=refuse)
-    except ValueError:
-        return text
+# ------------------------------------------------------------------ builders
 
 
 def drop_nones(mapping: dict) -> dict:
@@ -343,72 +467,193 @@ def api_url(base_url: str, path: str) -> str:
 def public_url(base_url: str) -> str:
     """base_url without user, password or query: what may be written to a file."""
     parts = urlsplit(base_url)
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    return f"{parts.scheme}://{host_of(base_url)}{parts.path}"
 
 
-def check_base_url(base_url: str) -> None:
-    parts = urlsplit(base_url)
-    try:
-        port_ok = parts.port != 0  # .port raises for a port that is not a number, or too large
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise UsageError(f"--base-url must be an http:// or https:// URL, not {base_url!r}")
-
-
-def check_api_key(key: str) -> None:
-    # requests would refuse such a header, quoting it (and so the key) in its error.
-    if not key.isascii() or not key.isprintable() or " " in key:
-        raise UsageError(
-            "OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value"
-        )
-
-
-def is_loopback(host: str) -> bool:
+def is_loopback(host: str | None) -> bool:
     import ipaddress
 
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+    if host in ("localhost", None) or host.endswith(".localhost"):
+        return host is not None
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
 
-def bearer_auth(key: str):
-    """A requests auth callable. Unlike headers=, auth= is not replaced by a ~/.netrc entry."""
-
-    def add_authorization(request):
-        request.headers["Authorization"] = f"Bearer {key}"
-        return request
-
-    return add_authorization
+def build_question(words: list[str], piped: str | None, files: list[str] = ()) -> str:
+    """The question words, then piped text, then files, each part after a blank line."""
+    question = " ".join(words).strip()
+    # Keep the indentation of piped text's first line; drop blank lines around it.
+    piped = (piped or "").rstrip().lstrip("\r\n")
+    return "\n\n".join(part for part in (question, piped, *files) if part)
 
 
-def redact(text: str, key: str) -> str:
-    if len(key) >= MIN_SECRET_CHARS:
-        return text.replace(key, "[redacted]")
-    return text
+def read_limited(file, source: str) -> bytes:
+    """All of a file or stream up to MAX_INPUT bytes; beyond that a usage error, read no further."""
+    data = file.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise UsageError(f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no "
+                         "further", hint="(send a part of it)")
+    return data
 
 
-def mask_key(key: str) -> str:
-    """What the verbose trace shows of a key: its sk- prefix and at most the last 4 characters."""
-    prefix = "sk-" if key.startswith("sk-") else ""
-    tail = key[-4:] if len(key) >= 16 else ""
-    return f"{prefix}…{tail}"
+def decode_utf8(data: bytes, source: str, env: Env) -> str:
+    """Text as UTF-8; undecodable bytes are replaced, with a warning. A leading BOM is dropped."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        env.warn(f"{source} is not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                 "undecodable bytes were replaced with U+FFFD")
+        text = data.decode("utf-8", "replace")
+    return text.removeprefix("\ufeff")
 
 
-def elide_base64(text: str) -> str:
-    """text with each data: URL's payload, and any other long Base64 run, cut to its length."""
-    text = DATA_URL.sub(lambda match: f"{match[1]}…({len(match[2]):,} characters)", text)
-    return BASE64_RUN.sub(lambda match: f"…({len(match[0]):,} characters of Base64)", text)
+def read_piped_stdin(env: Env) -> str | None:
+    """All of stdin when it is not a terminal, as UTF-8 (undecodable bytes replaced)."""
+    if env.stdin is None:  # started with stdin closed
+        return ""
+    if env.stdin_tty:
+        return None
+    return decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
 
 
-def one_line(message: str, key: str = "", room: int = LINE_CHARS) -> str:
-    """A message as one readable line of at most room characters: the key redacted first,
-    then Base64 elided, line breaks and runs of spaces made single spaces, the rest cut."""
-    text = " ".join(elide_base64(redact(message, key)).split())
-    return text if len(text) <= room else text[: room - 1] + "…"
+def read_text_file(path: str, env: Env) -> str:
+    """A -f file's text, as UTF-8; a missing, unreadable, binary or huge file is a usage error."""
+    try:
+        with open(env.path(path), "rb") as file:
+            data = read_limited(file, path)
+    except OSError as exc:
+        raise UsageError(f"cannot read file {path}: {exc.strerror or exc}") from None
+    if b"\0" in data[:TEXT_SNIFF_BYTES]:
+        is_picture = path.lower().endswith(IMAGE_SUFFIXES)
+        raise UsageError(f"cannot add {path}: it is not a text file (it holds NUL bytes)",
+                         hint="(attach pictures with --image)" if is_picture else "")
+    return decode_utf8(data, path, env)
+
+
+def file_block(path: str, text: str) -> str:
+    """The path, then the text in a code fence longer than any run of backticks inside it."""
+    longest = max(map(len, re.findall("`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return f"{path}\n{fence}\n{text}{fence}"
+
+
+def build_user_message(question: str, image_urls: list[str], detail: str | None) -> dict:
+    """The user message: plain text, or a text part followed by one part per image."""
+    if not image_urls:
+        return {"role": "user", "content": question}
+    parts = [{"type": "text", "text": question}]
+    for url in image_urls:
+        image = drop_nones({"url": url, "detail": detail})
+        parts.append({"type": "image_url", "image_url": image})
+    return {"role": "user", "content": parts}
+
+
+def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
+    """The messages of one request: the system prompt, the earlier turns, the new question."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in turns:
+        messages += [turn["user"], {"role": "assistant", "content": turn["assistant"]}]
+    return messages + [user_message]
+
+
+def schema_format(schema: dict) -> dict:
+    """OpenAI's response_format for a JSON Schema (taken by llama-server, vLLM, Ollama ...)."""
+    title = schema.get("title")
+    name = title if isinstance(title, str) and re.fullmatch(r"[\w-]{1,64}", title) else "reply"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
+    """The same request with response_format {"type": "json_object", "schema": ...}, the form
+    llama-cpp-python takes, when body asks for --schema's json_schema; else None."""
+    if not schema or body.get("response_format") != schema_format(schema):
+        return None  # no --schema, or -o response_format replaced it
+    return {**body, "response_format": {"type": "json_object", "schema": schema}}
+
+
+def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
+    """The chat-completions request body, holding only the fields that were asked for."""
+    body = drop_nones({
+        "model": settings.model,
+        "messages": messages,
+        "temperature": settings.temperature,
+        max_tokens_field(base_url): settings.max_tokens,
+        "reasoning_effort": settings.reasoning_effort,
+        "response_format": schema_format(settings.schema) if settings.schema else None,
+        "stream": True if settings.stream else None,
+        # Only with -u: some servers reject the field.
+        "stream_options": {"include_usage": True} if settings.stream and settings.usage else None,
+    })
+    for key, value in settings.options:
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return body
+
+
+def json_or_text(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return text
+
+
+def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
+    """-o KEY VALUE pairs, VALUE as JSON when it parses (null: leave KEY out), else as text."""
+    for key, _ in pairs:
+        if key in ("messages", "stream"):
+            raise UsageError(f"-o {key}: chat.py builds '{key}' itself")
+    return [(key, json_or_text(text)) for key, text in pairs]
+
+
+def short_schema(spec: str) -> dict:
+    """The short form, "name, age int, bio: one sentence": an object with exactly those fields,
+    all required. A type follows the name (string when none); text after ":" describes it."""
+    fields = {}
+    for item in spec.split(","):
+        head, _, description = item.partition(":")
+        words = head.split()
+        if not 1 <= len(words) <= 2 or not FIELD_NAME.fullmatch(words[0]):
+            raise UsageError(f"--schema: {item.strip()!r} is not a field: write 'name', "
+                             "'name type' or 'name type: description'")
+        name, kind = words[0], words[1].lower() if len(words) == 2 else "str"
+        if kind not in SHORT_TYPES:
+            raise UsageError(f"--schema: {name} has the unknown type {kind!r}: use str, int, "
+                             "float or bool")
+        if name in fields:
+            raise UsageError(f"--schema: the field {name} is named twice")
+        fields[name] = drop_nones({"type": SHORT_TYPES[kind], "description": description.strip() or None})
+    return {"type": "object", "properties": fields, "required": list(fields),
+            "additionalProperties": False}
+
+
+def parse_schema(spec: str, env: Env) -> dict:
+    """--schema SPEC as a JSON Schema: inline JSON, @file.json, or the short form."""
+    if spec.startswith("@"):
+        try:
+            with open(env.path(spec[1:]), "rb") as file:
+                text = decode_utf8(read_limited(file, spec[1:]), spec[1:], env)
+        except OSError as exc:
+            raise UsageError(f"cannot read the schema {spec[1:]}: {exc.strerror or exc}") from None
+    else:
+        text = spec
+    if not text.lstrip().startswith("{"):
+        return short_schema(text)
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--schema is not valid JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise UsageError("--schema must be a JSON Schema object, or fields such as 'name, age int'")
+    return schema
 
 
 # ------------------------------------------------------------------ images
@@ -432,61 +677,6 @@ def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     # The epsilon keeps 6000x4000 at exactly 1536x1024 despite float rounding;
     # it is far too small to push the product of two sides over the budget.
     return max(1, int(width * scale + 1e-6)), max(1, int(height * scale + 1e-6))
-
-
-def image_url(source: str, detail: str | None) -> tuple[str, str]:
-    """The URL to send for --image (remote and data: URLs as given, local files inlined),
-    and a line for -v saying what is sent and why."""
-    if source.startswith(("http://", "https://", "data:")):
-        return source, f"image {elide_base64(source)}: sent as given"
-    return encode_image_file(source, detail)
-
-
-def encode_image_file(path: str, detail: str | None) -> tuple[str, str]:
-    """A local image as a data: URL: shrunk to what the model keeps at this detail, or the
-    file's own bytes when the API takes them as they are and they are no larger."""
-    from PIL import Image, ImageOps  # Pillow is imported only when an image is attached
-
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                source = f"{image.width}x{image.height} {image.format} {image.mode}"
-                kind, reason = image.format, why_not_as_is(image)
-                prepared = ImageOps.exif_transpose(shrink_image(image, detail))
-                mime, data = encode_image(prepared)
-                size = os.path.getsize(path)
-                original = read_bytes(path) if reason is None and size <= len(data) else None
-    except Image.UnidentifiedImageError:
-        raise UsageError(f"cannot decode image {path}: not an image format Pillow knows") from None
-    except OSError as exc:
-        if exc.strerror:  # the file itself: missing, a directory, no permission
-            raise UsageError(f"cannot read image {path}: {exc.strerror}") from None
-        raise UsageError(f"cannot decode image {path}: {exc}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UsageError(f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
-    except Exception as exc:  # Pillow's decoders raise many types on damaged files
-        raise UsageError(f"cannot decode image {path}: {exc}") from None
-    if original is not None:
-        sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
-        mime, data = Image.MIME[kind], original
-    else:
-        sent = (f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
-                f"{len(data):,} bytes ({reason or 'smaller than the file'})")
-    note = f"image {path}: {source}, {size:,} bytes; {sent}"
-    return f"data:{mime};base64,{base64_text(data)}", note
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
-
-
-def base64_text(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode("ascii")
 
 
 def why_not_as_is(image) -> str | None:
@@ -520,6 +710,13 @@ def shrink_image(image, detail: str | None):
     return image
 
 
+def has_transparency(image) -> bool:
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return False
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] < 255
+
+
 def encode_image(image) -> tuple[str, bytes]:
     """Encode as JPEG, or as PNG when some pixel is transparent."""
     import io
@@ -539,316 +736,316 @@ def encode_image(image) -> tuple[str, bytes]:
     return "image/jpeg", buffer.getvalue()
 
 
-def has_transparency(image) -> bool:
-    if "A" not in image.getbands() and "transparency" not in image.info:
-        return False
-    alpha = image.convert("RGBA").getchannel("A")
-    return alpha.getextrema()[0] < 255
+def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str]:
+    """A local image as a data: URL: shrunk to what the model keeps at this detail, or the
+    file's own bytes when the API takes them as they are and they are no larger."""
+    import base64
+    import warnings
 
+    from PIL import Image, ImageOps
 
-# ---------------------------------------------------------- conversations
-
-
-def state_dir() -> str:
-    """Where conversations are saved: $CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (only an
-    absolute path counts, as the XDG spec says), else ~/.local/state/chat-py."""
-    if os.environ.get("CHAT_PY_HOME"):
-        return os.environ["CHAT_PY_HOME"]
-    xdg_state = os.environ.get("XDG_STATE_HOME", "")
-    if os.path.isabs(xdg_state):
-        return os.path.join(xdg_state, "chat-py")
-    return os.path.join(os.path.expanduser("~"), ".local", "state", "chat-py")
-
-
-def conversation_file(folder: str, name: str) -> str:
-    return os.path.join(folder, f"{name}.jsonl")
-
-
-def check_name(name: str) -> str:
-    """A conversation name, checked before any file is touched: it can never become a path."""
-    name = name.removesuffix(".jsonl")
-    if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"{name!r} is not a conversation name: use up to 64 letters, digits, "
-                         "'.', '_' or '-', not starting with '.'")
-    return name
-
-
-def new_name(folder: str) -> str:
-    """A fresh conversation name that sorts by time, such as 20261126-191002-a3f."""
-    while True:
-        name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()[:3]
-        if not os.path.exists(conversation_file(folder, name)):
-            return name
-
-
-def saved_conversations(folder: str) -> list[tuple[int, str]]:
-    """(modification time, name) of each saved conversation, the newest first."""
     try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return []
+        with warnings.catch_warnings():
+            # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(env.path(path), "rb") as file, Image.open(file) as image:
+                source = f"{image.width}x{image.height} {image.format} {image.mode}"
+                kind, reason = image.format, why_not_as_is(image)
+                prepared = ImageOps.exif_transpose(shrink_image(image, detail))
+                mime, data = encode_image(prepared)
+                size = os.fstat(file.fileno()).st_size
+                file.seek(0)
+                original = file.read() if reason is None and size <= len(data) else None
+    except Image.UnidentifiedImageError:
+        raise UsageError(f"cannot decode image {path}: not an image format Pillow knows") from None
     except OSError as exc:
-        raise UsageError(f"cannot read the conversations in {folder}: {exc.strerror}") from None
-    found = [(entry.stat().st_mtime_ns, entry.name.removesuffix(".jsonl")) for entry in entries
-             if entry.name.endswith(".jsonl") and entry.is_file()]
-    return sorted(found, reverse=True)
+        if exc.strerror:  # the file itself: missing, a directory, no permission
+            raise UsageError(f"cannot read image {path}: {exc.strerror}") from None
+        raise UsageError(f"cannot decode image {path}: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+    except Exception as exc:  # Pillow's decoders raise many types on damaged files
+        raise UsageError(f"cannot decode image {path}: {exc}") from None
+    if original is not None:
+        sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
+        mime, data = Image.MIME[kind], original
+    else:
+        sent = (f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
+                f"{len(data):,} bytes ({reason or 'smaller than the file'})")
+    note = f"image {path}: {source}, {size:,} bytes; {sent}"
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", note
 
 
-def conversation_path(folder: str, name: str) -> str:
-    """The file of an existing conversation; an unknown name is a usage error."""
-    path = conversation_file(folder, check_name(name))
-    if not os.path.isfile(path):
-        raise UsageError(f"no conversation named {name!r} in {folder}",
-                         hint="(python chat.py --chats lists them)")
-    return path
+def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
+    """The URL to send for --image (remote and data: URLs as given, local files inlined),
+    and a line for -v saying what is sent and why."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source, f"image {elide_base64(source)}: sent as given"
+    return encode_image_file(source, detail, env)
 
 
-def newest_conversation(folder: str) -> str:
-    saved = saved_conversations(folder)
-    if not saved:
-        raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
-    return saved[0][1]
+# ----------------------------------------------------------------- transport
 
 
-def open_conversation(args: argparse.Namespace, folder: str, save: bool) -> Conversation:
-    """The conversation this run goes on with (-c, --chat NAME), or a new one."""
-    if args.continue_ and args.chat is not None:
-        raise UsageError("-c and --chat cannot go together: -c continues the newest conversation")
-    if not args.continue_ and args.chat is None:
-        return Conversation(folder, new_name(folder), save=save)
-    name = check_name(args.chat) if args.chat is not None else newest_conversation(folder)
-    conversation = Conversation(folder, name, save=save)
-    if os.path.isfile(conversation.path):
-        conversation.turns = load_turns(conversation.path)
-    return conversation
+def bearer_auth(key: str):
+    """A requests auth callable. Unlike headers=, auth= is not replaced by a ~/.netrc entry."""
+
+    def add_authorization(request):
+        request.headers["Authorization"] = f"Bearer {key}"
+        return request
+
+    return add_authorization
 
 
-def load_turns(path: str) -> list[dict]:
-    """The turns of a saved conversation. A line that is not a turn (a torn write, a bad hand
-    edit) is skipped with a warning; a retried turn replaces the one before it."""
-    turns = []
+def same_origin(url: str, other: str) -> bool:
+    def origin(parts):
+        return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+    return origin(urlsplit(url)) == origin(urlsplit(other))
+
+
+def refuse_other_origins(response, **_) -> None:
+    """A requests response hook: a redirect is followed only to the same scheme, host and port,
+    so the question (and the key) never go where the user did not send them."""
+    from urllib.parse import urljoin
+
+    if response.is_redirect:
+        target = urljoin(response.url, response.headers["location"])
+        if not same_origin(target, response.url):
+            response.close()
+            raise ApiError(f"the server redirected the request to {shown_url(target)}; chat.py "
+                           f"follows redirects only within {host_of(response.url)}")
+
+
+def mask_key(key: str) -> str:
+    """What the verbose trace shows of a key: its sk- prefix and at most the last 4 characters."""
+    prefix = "sk-" if key.startswith("sk-") else ""
+    tail = key[-4:] if len(key) >= 16 else ""
+    return f"{prefix}…{tail}"
+
+
+def cut_strings(value):
+    """A copy of a JSON value with Base64 elided and each long string cut to its start."""
+    if isinstance(value, dict):
+        return {key: cut_strings(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [cut_strings(item) for item in value]
+    if isinstance(value, str):
+        value = elide_base64(value)
+        if len(value) > TRACE_STRING_CHARS:
+            return value[:TRACE_STRING_CHARS] + f"…({len(value):,} characters)"
+    return value
+
+
+def pretty_body(body: bytes | str) -> str:
+    """A body for the trace: JSON indented, Base64 cut to its length, long strings cut."""
     try:
-        with open(path, "rb") as file:
-            lines = list(file)  # split at b"\n" only: U+2028 in a reply is no line break
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            turn = json.loads(line)
-        except ValueError:
-            turn = None
-        if not (isinstance(turn, dict) and isinstance(turn.get("user"), dict)
-                and isinstance(turn.get("assistant"), str)):
-            warn(f"{path} line {number} is not a saved turn (a torn write or a bad edit?); skipped")
-            continue
-        if turn.pop("retry", False) and turns:
-            turns.pop()
-        turns.append(turn)
-    return turns
+        return json.dumps(cut_strings(json.loads(body)), indent=2, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = elide_base64(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
+        if len(text) > TRACE_TEXT_CHARS:
+            text = text[:TRACE_TEXT_CHARS] + f"…({len(text):,} characters)"
+        return text
 
 
-def append_line(folder: str, path: str, turn: dict, key: str) -> None:
-    """Append a turn as one line with one write, then fsync; files are never rewritten.
-    The folder is made 0700 and the file 0600, whatever the umask; the key is never written,
-    even when a server echoes it back."""
-    if not os.path.isdir(folder):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        os.chmod(folder, 0o700)
-    data = (redact(json.dumps(turn, ensure_ascii=False), key) + "\n").encode("utf-8")
+def status_reason(response) -> str:
+    import http
+
+    if response.reason:
+        return response.reason
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
-        os.fchmod(fd, 0o600)  # whatever the umask
-    except FileExistsError:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # never glue a turn onto a torn last line
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_turn(settings: Settings, body: dict, user_message: dict, reply: Reply) -> dict:
-    """A turn as it is saved: when, which model and server, the question as sent, the answer."""
-    return drop_nones({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": body.get("model"),
-        "system": settings.system or None,
-        "user": user_message,
-        "assistant": reply.text,
-        "finish_reason": reply.finish_reason,
-        "usage": reply.usage,
-        "base_url": public_url(settings.base_url),
-    })
-
-
-def list_conversations(folder: str) -> None:
-    """--chats: one line per conversation, newest first."""
-    saved = saved_conversations(folder)
-    if not saved:
-        print(f"no saved conversations in {folder}", file=sys.stderr)
-        return
-    width = max(len(name) for _, name in saved)
-    for mtime, name in saved:
-        turns, question = summarize(conversation_file(folder, name))
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
-        count = f"{turns} turn" + ("" if turns == 1 else "s")
-        print(f"{name:<{width}}  {count:>9}  {when}  {question}")
-
-
-def summarize(path: str) -> tuple[int, str]:
-    """A conversation's turn count and the start of its first question. Lines are counted as
-    bytes; only the first is parsed."""
-    with open(path, "rb") as file:
-        first = file.readline()
-        file.seek(0)
-        turns = sum(1 for line in file if line.strip() and not line.startswith(RETRY_LINE_START))
-    try:
-        question = message_text(json.loads(first)["user"]["content"]) or ""
-    except (ValueError, KeyError, TypeError):
-        question = "?"
-    return turns, one_line(question, room=60)
-
-
-def show_conversation(path: str) -> None:
-    """--show: the conversation for a person to read, each question and answer in order."""
-    turns = load_turns(path)
-    name = os.path.basename(path).removesuffix(".jsonl")
-    print(f"conversation {name}: {len(turns)} turn" + ("" if len(turns) == 1 else "s"))
-    system = None
-    for turn in turns:
-        if turn.get("system") != system:
-            system = turn.get("system")
-            print(f"\nsystem prompt: {system or '(none)'}")
-        print(f"\nyou, {local_time(turn.get('time'))}:\n{readable(turn['user'])}")
-        print(f"\n{turn.get('model') or 'assistant'}:\n{turn['assistant']}")
-
-
-def readable(message: dict) -> str:
-    """A user message as text, with each image as an [image: URL] line, Base64 elided."""
-    content = message.get("content")
-    parts = content if isinstance(content, list) else []
-    images = [part.get("image_url") for part in parts
-              if isinstance(part, dict) and part.get("type") == "image_url"]
-    urls = [image.get("url") if isinstance(image, dict) else image for image in images]
-    lines = [message_text(content) or ""] + [f"[image: {elide_base64(str(url))}]" for url in urls]
-    return "\n".join(lines)
-
-
-def local_time(stamp: str | None) -> str:
-    from datetime import datetime
-
-    try:
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        return http.HTTPStatus(response.status_code).phrase
     except ValueError:
-        return str(stamp)
-    return when.astimezone().strftime("%Y-%m-%d %H:%M")
+        return ""
 
 
-def forget_conversation(path: str) -> None:
+class Trace:
+    """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
+
+    def __init__(self, env: Env, key: str):
+        self.env = env
+        self.key = key
+        self.started = time.perf_counter()
+
+    def write(self, prefix: str, text: str) -> None:
+        for line in text.splitlines() or [""]:
+            self.env.say(prefix + line)
+
+    def exchange(self, response) -> None:
+        """The request as sent, then the response's status line and headers."""
+        request = response.request
+        url = urlsplit(request.url)
+        path = url.path + (f"?{url.query}" if url.query else "")
+        self.write("> ", f"{request.method} {path} HTTP/1.1\nHost: {host_of(request.url)}")
+        for name, value in request.headers.items():
+            if name.lower() == "authorization":
+                value = f"Bearer {mask_key(self.key)}" if value.startswith("Bearer ") else "[...]"
+            self.write("> ", f"{name}: {value}")
+        self.write("> ", "")
+        if request.body:
+            self.write("> ", pretty_body(request.body))
+        version = {10: "1.0", 11: "1.1", 20: "2"}.get(response.raw.version, "1.1")
+        self.write("< ", f"HTTP/{version} {response.status_code} {status_reason(response)}")
+        for name, value in response.headers.items():
+            if name.lower() == "set-cookie":
+                value = value.split("=", 1)[0] + "=…"
+            self.write("< ", f"{name}: {value}")
+        self.write("< ", "")
+        self.write("* ", f"time to first byte: {response.elapsed.total_seconds():.3f} s")
+
+    def body(self, data: bytes) -> None:
+        if data:
+            self.write("< ", pretty_body(data))
+
+    def sse_line(self, line: str) -> None:
+        self.env.say(f"| {elide_base64(line)}")
+
+    def summary(self, usage: dict | None) -> None:
+        self.write("* ", f"total time: {time.perf_counter() - self.started:.3f} s")
+        if isinstance(usage, dict):
+            counts = ", ".join(f"{name} {value}" for name, value in usage.items()
+                               if isinstance(value, int))
+            self.write("* ", f"tokens: {counts}")
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "reason", None)
+        if not isinstance(inner, BaseException) and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        inner = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error's message: "Connection refused", not urllib3's wrapping of it."""
+    exc = innermost(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def chat_error(exc: Exception, server: Server) -> ChatError:
+    """What a failure raised by requests or urllib3 means: the exit code, a one-line message,
+    and whether another try could fix it. Connect timeouts, refused or reset connections and
+    unresolved names are worth a retry; a read timeout is not (the server has the request)."""
+    import http.client
+    import socket
+
+    import requests
+    import urllib3
+
+    errors, host, cause = urllib3.exceptions, server.host, root_cause(exc)
+    inner = innermost(exc)
+    if isinstance(exc, requests.ConnectTimeout):
+        return TimedOut(f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
+                        retryable=True)
+    if isinstance(exc, (requests.Timeout, errors.ReadTimeoutError)) or isinstance(inner, errors.ReadTimeoutError):
+        return TimedOut(f"{host} did not answer within {server.timeout:g} s (--timeout)")
+    if isinstance(exc, requests.exceptions.InvalidSchema) and "SOCKS" in str(exc):
+        return UsageError("a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
+                          "but PySocks is not installed", hint="(pip install 'requests[socks]')")
+    if isinstance(exc, (requests.exceptions.SSLError, errors.SSLError)):
+        return NetworkError(f"TLS failure talking to {host}: {cause}")
+    if isinstance(inner, http.client.HTTPException) and not isinstance(inner, ConnectionError):
+        return ApiError(f"{host} did not answer in HTTP: {cause!r}")
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError, errors.ProtocolError)):
+        return NetworkError(f"the connection to {host} broke off mid-reply: {cause}", retryable=True)
+    if isinstance(exc, (requests.exceptions.ContentDecodingError, errors.DecodeError)):
+        return ApiError(f"cannot decode the reply from {host}: {cause}")
+    if isinstance(exc, requests.TooManyRedirects):
+        return ApiError(f"too many redirects from {host}")
+    if isinstance(inner, socket.gaierror):
+        return NetworkError(f"cannot resolve host {host}: {cause}", retryable=True)
+    if isinstance(exc, requests.ConnectionError):
+        return NetworkError(f"cannot reach {host}: {cause}", retryable=True)
+    return NetworkError(f"request to {host} failed: {cause}")
+
+
+def iter_body(response, server: Server):
+    """Yield the body's bytes as soon as they arrive, chunked or not, decompressed.
+
+    Reads urllib3's response directly: iter_content(chunk_size=None) would wait for the whole
+    body when it is not chunked. Each read is at most READ_SIZE bytes, after decompression too.
+    """
+    import urllib3
+
+    raw = response.raw
     try:
-        os.remove(path)
-    except OSError as exc:
-        raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
-    print(f"forgot {os.path.basename(path).removesuffix('.jsonl')} (deleted {path})")
+        if raw.chunked:
+            yield from raw.read_chunked(READ_SIZE, decode_content=True)
+        elif hasattr(raw, "read1"):  # urllib3 2.3+
+            while chunk := raw.read1(READ_SIZE, decode_content=True):
+                yield chunk
+        else:  # older urllib3: waits for READ_SIZE bytes or the end of the body
+            yield from raw.stream(READ_SIZE, decode_content=True)
+    except urllib3.exceptions.HTTPError as exc:
+        raise chat_error(exc, server) from None
 
 
-# ------------------------------------------------------------- transport
+def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
+    """The whole body, at most limit bytes after decompression; more is an error, except in an
+    error body (limit MAX_ERROR_BODY), which is cut there."""
+    chunks, size = [], 0
+    try:
+        for chunk in iter_body(response, server):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                if limit == MAX_ERROR_BODY:
+                    break
+                raise ApiError(f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
+                               "chat.py reads no further")
+    finally:
+        response.close()
+    return b"".join(chunks)[:limit]
 
 
-def request(session, conn: Connection, path: str, body: dict | None, read, output=None,
-            trace=None):
-    """Send one request (POST with a body, else GET) and return read(response, streamed).
-    Retry what a retry can fix, as long as no text of the reply has been shown."""
-    import requests
-
-    for attempt in range(conn.retries + 1):
-        if output:
-            output.wait()
-        try:
-            response = session.request(
-                "GET" if body is None else "POST",
-                api_url(conn.base_url, path),
-                json=body,
-                headers={"User-Agent": USER_AGENT},
-                auth=bearer_auth(conn.key) if conn.key else None,
-                timeout=(min(CONNECT_TIMEOUT, conn.timeout), conn.timeout),
-                stream=True,  # return at the headers; the body is read below
-            )
-            streamed = response.ok and is_event_stream(response, asked=bool(body and body.get("stream")))
-            if trace:
-                trace.exchange(response, with_body=not streamed)
-            if response.status_code >= 400:
-                raise api_error(response)
-            return read(response, streamed)
-        except (ApiError, requests.RequestException) as exc:
-            error = exc if isinstance(exc, ChatError) else as_chat_error(exc, conn.timeout)
-            wait = None if output and output.started else retry_wait(exc, attempt, conn.retries)
-            if wait is None:
-                if isinstance(error, TimedOut) and body and body.get("reasoning_effort"):
-                    error.hint = "(a long think may need --stream or a larger --timeout)"
-                if error is exc:
-                    raise
-                raise error from exc
-            if output:
-                output.stop_waiting()
-            retrying = f"; retrying in {wait:.1f} s (attempt {attempt + 2} of {conn.retries + 1})"
-            warn(str(error), conn.key, retrying)
-            time.sleep(wait)
-    raise AssertionError("unreachable: the last attempt returns or raises")
+def text_snippet(data: bytes | str) -> str:
+    """The start of a body that is not the JSON expected, without HTML markup."""
+    text = data[: 64 * 1024]
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+    if title:
+        text = title.group(1)
+    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", text, flags=re.I | re.S)
+    return " ".join(text.split())
 
 
-def is_event_stream(response, asked: bool) -> bool:
-    """Whether the body is Server-Sent Events: what its Content-Type says, else what we asked for.
-    (Some servers answer a streaming request with one JSON reply, or the other way round.)"""
-    content_type = response.headers.get("Content-Type", "")
-    if "text/event-stream" in content_type:
-        return True
-    return asked and "json" not in content_type
+def parse_json(data: bytes | str, what: str):
+    """JSON from a server; anything else (deep nesting included) is an ApiError."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise ApiError(f"{what} is not JSON: {text_snippet(data)!r}") from None
 
 
-def retry_wait(exc: Exception, attempt: int, retries: int) -> float | None:
-    """Seconds to wait before retrying after exc, or None to give up."""
-    if attempt >= retries:
-        return None
-    if isinstance(exc, ApiError):
-        if not exc.retryable:
-            return None
-        if exc.retry_after is not None:
-            return exc.retry_after
-    elif not is_transient(exc):
-        return None
-    return backoff_delay(attempt)
-
-
-def is_transient(exc: Exception) -> bool:
-    """Network failures worth another try: not TLS errors, not bad URLs or headers."""
-    import requests
-
-    if isinstance(exc, requests.exceptions.SSLError) or speaks_no_http(exc):
-        return False
-    return isinstance(
-        exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-    )
-
-
-def backoff_delay(attempt: int, rand=None) -> float:
-    """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
-    import random
-
-    delay = min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY)
-    return delay * (1 - 0.25 * (rand or random.random)())
+def error_message(payload) -> str:
+    """The provider's message in an error body of any shape: {"error": {"message"}},
+    {"error": "text"}, a top-level "message", FastAPI's "detail" (text or a list of {"msg"}),
+    or a JSON array of those (Gemini)."""
+    if isinstance(payload, str):
+        return payload
+    if isinstance(payload, list):
+        return "; ".join(filter(None, (error_message(item) for item in payload[:5])))
+    if isinstance(payload, dict):
+        for field in ("error", "message", "detail", "msg"):
+            message = error_message(payload.get(field))
+            if message:
+                return message
+    return ""
 
 
 def parse_retry_after(headers, now: float | None = None) -> float | None:
     """Seconds the server asks us to wait: retry-after-ms, else Retry-After in seconds or as an
     HTTP date; None when it says nothing usable."""
     import email.utils
-    import math
 
     for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
         try:
@@ -870,183 +1067,121 @@ def clock_after(seconds: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S" if seconds > 12 * 3600 else "%H:%M:%S", when)
 
 
-def api_error(response) -> ApiError:
+def api_error(response, body: bytes) -> ApiError:
     """An ApiError for an HTTP error status, saying what the server said and whether to retry."""
-    status = f"HTTP {response.status_code} {status_reason(response)}"
-    error = error_payload(response)
-    message = error.get("message") or error_snippet(response)
+    code = response.status_code
+    status = f"HTTP {code} {status_reason(response)}".strip()
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    message = error_message(payload) or text_snippet(body)
     text = f"{status}: {message}" if message and message.lower() not in status.lower() else status
-    if "insufficient_quota" in (error.get("code"), error.get("type")):
-        return ApiError(text, hint="(the account is out of quota: add credit, retrying will not help)")
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type")):
+        return ApiError(text, code, brief=f"HTTP {code}",
+                        hint="(the account is out of quota: add credit, retrying will not help)")
     hint = ""
-    if response.status_code == 404:
-        hint = ("(this server lists no models at BASE_URL/models)"
-                if urlsplit(response.url).path.endswith("/models") else
-                "(requests go to BASE_URL/chat/completions: check --base-url, and --model "
-                "against what python chat.py --models lists)")
+    if code == 404:
+        url = urlsplit(response.url)
+        hint = f"({response.request.method} {shown_url(response.url)}"
+        if url.path in ("/chat/completions", "/models"):  # the base URL has no path
+            hint += f": the base URL has no path; try --base-url {url.scheme}://{url.netloc}/v1)"
+        elif url.path.endswith("/models"):
+            hint += ": this server lists no models)"
+        else:
+            hint += ": check --base-url, and --model against what python chat.py --models lists)"
     should_retry = response.headers.get("x-should-retry", "").lower()
     if should_retry in ("true", "false"):
         retryable = should_retry == "true"
     else:
-        retryable = response.status_code in RETRY_STATUSES or response.status_code >= 500
+        retryable = code in RETRY_STATUSES or code >= 500
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
-        return ApiError(text, hint=f"(the server asks to wait {wait:.0f} s: "
-                                   f"try again after {clock_after(wait)})")
-    return ApiError(text, hint, retryable=retryable, retry_after=wait)
+        return ApiError(text, code, brief=f"HTTP {code}", hint=f"(the server asks to wait {wait:.0f} s: "
+                                                       f"try again after {clock_after(wait)})")
+    return ApiError(text, code, brief=f"HTTP {code}", hint=hint, retryable=retryable, retry_after=wait)
 
 
-def status_reason(response) -> str:
-    import http
+def backoff_delay(attempt: int, rand=None) -> float:
+    """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
+    import random
 
-    if response.reason:
-        return response.reason
-    try:
-        return http.HTTPStatus(response.status_code).phrase
-    except ValueError:
-        return ""
+    delay = min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY)
+    return delay * (1 - 0.25 * (rand or random.random)())
 
 
-def error_payload(response) -> dict:
-    """The error object of an OpenAI-style JSON error body, or {}."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    if not isinstance(body, dict):
-        return {}
-    error = body.get("error", body)
-    if isinstance(error, str):
-        return {"message": error}
-    if not isinstance(error, dict):
-        return {}
-    message = error.get("message") or error.get("detail")
-    return {**error, "message": message if isinstance(message, str) else None}
+def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
+    """Seconds to wait before retrying after error, or None to give up."""
+    if attempt >= retries or not error.retryable:
+        return None
+    return error.retry_after if error.retry_after is not None else backoff_delay(attempt)
 
 
-def error_snippet(response) -> str:
-    """The text of a body that is not the JSON expected, without HTML markup."""
-    text = response.content[: 64 * 1024].decode("utf-8", "replace")
-    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
-    if title:
-        text = title.group(1)
-    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", text, flags=re.I | re.S)
-    return " ".join(text.split())
-
-
-def as_chat_error(exc: Exception, timeout: float) -> ChatError:
-    """The ChatError (its exit code and one-line message) for what requests raised."""
-    import requests
-
-    host = host_of(exc)
-    if is_timeout(exc):
-        if isinstance(exc, requests.ConnectTimeout):
-            return TimedOut(f"could not connect to {host} within {min(CONNECT_TIMEOUT, timeout):g} s")
-        return TimedOut(f"{host} did not answer within {timeout:g} s (--timeout)")
-    if isinstance(exc, requests.exceptions.InvalidSchema) and "SOCKS" in str(exc):
-        return UsageError("a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
-                          "but PySocks is not installed", hint="(pip install 'requests[socks]')")
-    if isinstance(exc, requests.exceptions.SSLError):
-        return NetworkError(f"TLS failure talking to {host}: {root_cause(exc)}")
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-        return NetworkError(f"the connection to {host} broke off mid-reply: {root_cause(exc)}")
-    if isinstance(exc, requests.exceptions.ContentDecodingError):
-        return ApiError(f"cannot decode the reply from {host}: {root_cause(exc)}")
-    if isinstance(exc, requests.TooManyRedirects):
-        return ApiError(f"too many redirects from {host}")
-    if speaks_no_http(exc):
-        return ApiError(f"{host} did not answer in HTTP: {root_cause(exc)!r}")
-    if isinstance(exc, requests.ConnectionError):
-        import socket
-
-        if isinstance(innermost(exc), socket.gaierror):
-            return NetworkError(f"cannot resolve host {host}: {root_cause(exc)}")
-        return NetworkError(f"cannot reach {host}: {root_cause(exc)}")
-    return NetworkError(f"request to {host} failed: {root_cause(exc)}")
-
-
-def is_timeout(exc: Exception) -> bool:
-    """True for timeouts, including a read timeout while iterating a body, which
-    requests reports as a ConnectionError wrapping urllib3's ReadTimeoutError.
-    (urllib3 2's NewConnectionError subclasses ConnectTimeoutError, so a refused
-    connection is told apart by requests, not by checking urllib3's classes here.)"""
-    import requests
-    import urllib3
-
-    if isinstance(exc, requests.Timeout):
+def is_event_stream(response, asked: bool) -> bool:
+    """Whether the body is Server-Sent Events: what its Content-Type says, else what we asked for.
+    (Some servers answer a streaming request with one JSON reply, or the other way round.)"""
+    content_type = response.headers.get("Content-Type", "")
+    if "text/event-stream" in content_type:
         return True
-    return isinstance(exc, requests.ConnectionError) and any(
-        isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in exc.args
-    )
+    return asked and "json" not in content_type
 
 
-def speaks_no_http(exc: Exception) -> bool:
-    """True when the server sent something that is not HTTP (but did not just hang up)."""
-    import http.client
+def send(session, server: Server, path: str, body: dict | None, trace: Trace | None):
+    """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400."""
+    import requests
 
-    cause = innermost(exc)
-    return isinstance(cause, http.client.HTTPException) and not isinstance(cause, ConnectionError)
-
-
-def host_of(exc: Exception) -> str:
-    request = getattr(exc, "request", None)
-    url = getattr(request, "url", None)
-    return urlsplit(url).netloc if url else "the server"
-
-
-def root_cause(exc: BaseException) -> str:
-    """The innermost error's message: "Connection refused", not urllib3's wrapping of it."""
-    exc = innermost(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def innermost(exc: BaseException) -> BaseException:
-    """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "reason", None)
-        if not isinstance(inner, BaseException) and exc.args and isinstance(exc.args[0], BaseException):
-            inner = exc.args[0]
-        inner = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
-        if inner is None:
-            break
-        exc = inner
-    return exc
-
-
-# --------------------------------------------------------------- replies
-
-
-def response_json(response):
     try:
-        return response.json()
-    except ValueError:
-        raise ApiError(f"the server's reply is not JSON: {error_snippet(response)!r}") from None
+        response = session.request(
+            "GET" if body is None else "POST",
+            api_url(server.base_url, path),
+            json=body,
+            headers={"User-Agent": USER_AGENT},
+            auth=bearer_auth(server.key) if server.key else None,
+            timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
+            stream=True,  # return at the headers; the body is read by the caller
+            hooks={"response": refuse_other_origins},
+        )
+    except requests.RequestException as exc:
+        raise chat_error(exc, server) from None
+    if trace:
+        trace.exchange(response)
+    if response.status_code >= 400:
+        error_body = read_body(response, server, MAX_ERROR_BODY)
+        if trace:
+            trace.body(error_body)
+        raise api_error(response, error_body)
+    return response
 
 
-def read_reply(response) -> Reply:
-    """The reply of a non-streamed completion."""
-    payload = response_json(response)
-    if not isinstance(payload, dict):
-        raise ApiError("unexpected reply from the server: not a JSON object")
-    if "error" in payload and "choices" not in payload:
-        message = error_payload(response).get("message") or error_snippet(response)
-        raise ApiError(f"the server reported an error: {message}")
-    choices = payload.get("choices")
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise ApiError("unexpected reply from the server: no choices")
-    message = choices[0].get("message")
-    if not isinstance(message, dict):
-        raise ApiError("unexpected reply from the server: no message in choices[0]")
-    text = message_text(message.get("content"))
-    if text is None:
-        text = message_text(message.get("refusal"))
-    if text is None:
-        raise ApiError("unexpected reply from the server: the message has no text")
-    return Reply(text, reasoning_text(message), choices[0].get("finish_reason"), payload.get("usage"))
+def call(session, server: Server, path: str, body: dict | None, read, env: Env,
+         trace: Trace | None = None, fallback: dict | None = None):
+    """Send body to path and return read(response, streamed), retrying what a retry can fix
+    (read marks what it has shown as no longer retryable). A fallback body is sent once, at
+    once, when the server rejects the first one's response_format."""
+    attempt, rejected = 0, None
+    while True:
+        try:
+            response = send(session, server, path, body, trace)
+            return read(response, is_event_stream(response, asked=bool(body and body.get("stream"))))
+        except ChatError as error:
+            if fallback and isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error)):
+                if trace:
+                    trace.write("* ", "the server rejects this response_format; sending it as "
+                                      '{"type": "json_object", "schema": ...}')
+                body, fallback, rejected = fallback, None, error
+                continue
+            if rejected and isinstance(error, ApiError) and error.status:
+                raise rejected from None  # its message explains what the schema asked for
+            wait = retry_wait(error, attempt, server.retries)
+            if wait is None:
+                raise
+            attempt += 1
+            env.warn(f"{error.brief}; retrying in {wait:.1f} s ({attempt + 1} of {server.retries + 1})")
+            env.sleep(wait)
+
+
+# ------------------------------------------------------------ replies and output
 
 
 def message_text(content) -> str | None:
@@ -1069,9 +1204,86 @@ def reasoning_text(message: dict) -> str:
     return ""
 
 
-def read_models(response) -> list[str]:
+def add_tool_calls(calls: dict[int, dict], items) -> int:
+    """Merge a message's tool_calls, or a delta's pieces of them, into calls by index: the name
+    comes once, the arguments in pieces. Returns the characters added."""
+    added = 0
+    for position, item in enumerate(items if isinstance(items, list) else []):
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            continue
+        index = item.get("index", position)
+        call = calls.setdefault(index if isinstance(index, int) else position,
+                                {"name": "", "arguments": ""})
+        name, arguments = function.get("name"), function.get("arguments")
+        if isinstance(name, str) and not call["name"]:
+            call["name"] = name
+        if isinstance(arguments, str):
+            call["arguments"] += arguments
+            added += len(arguments)
+        elif arguments is not None:  # a provider that sends them parsed
+            call["arguments"] = arguments
+    return added
+
+
+def tool_call_lines(calls: dict[int, dict]) -> str:
+    """One JSON line per tool call, {"name": ..., "arguments": ...}, the arguments parsed when
+    they are JSON."""
+    lines = []
+    for _, call in sorted(calls.items()):
+        arguments = call["arguments"]
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except (ValueError, RecursionError):
+                pass
+        lines.append(json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n")
+    return "".join(lines)
+
+
+def after_text(text: str, calls: str) -> str:
+    """What follows text so that tool-call lines start on a line of their own."""
+    return ("\n" if calls and text and not text.endswith("\n") else "") + calls
+
+
+def read_reply(response, server: Server, trace: Trace | None) -> Reply:
+    """The reply of a non-streamed completion."""
+    data = read_body(response, server)
+    if trace:
+        trace.body(data)
+    payload = parse_json(data, "the server's reply")
+    if not isinstance(payload, dict):
+        raise ApiError("unexpected reply from the server: not a JSON object")
+    if "error" in payload and "choices" not in payload:
+        raise ApiError(f"the server reported an error: {error_message(payload) or text_snippet(data)}")
+    choices = payload.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise ApiError("unexpected reply from the server: no choices")
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise ApiError("unexpected reply from the server: no message in choices[0]")
+    reply = Reply()
+    reply.choices, reply.finish_reason = len(choices), choices[0].get("finish_reason")
+    reply.usage, reply.reasoning = payload.get("usage"), reasoning_text(message)
+    reply.model = payload.get("model") if isinstance(payload.get("model"), str) else None
+    add_tool_calls(reply.tool_calls, message.get("tool_calls"))
+    text = message_text(message.get("content"))
+    if text is None:
+        text = message_text(message.get("refusal"))
+    if text is None and not reply.tool_calls and reply.finish_reason != "length":
+        raise ApiError("unexpected reply from the server: the message has no text")
+    text = text or ""
+    calls = tool_call_lines(reply.tool_calls)
+    reply.text = text + after_text(text, calls)
+    return reply
+
+
+def read_models(response, server: Server, trace: Trace | None) -> list[str]:
     """The model ids of a GET /models reply, sorted."""
-    payload = response_json(response)
+    data = read_body(response, server)
+    if trace:
+        trace.body(data)
+    payload = parse_json(data, "the server's reply")
     models = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(models, list):
         raise ApiError("unexpected reply from the server: no list of models ('data')")
@@ -1087,26 +1299,39 @@ class SSEDecoder:
     colon; several data lines join with "\\n"; an event cut off by the end of
     the stream is dropped. Lines are split as bytes before decoding, so a
     character split across reads stays whole, and U+2028 inside the JSON is not
-    taken for a line break.
+    taken for a line break. A line still open is kept as a list of pieces and joined
+    once it ends, so a long line costs time in proportion to its length; a line or
+    event over MAX_REPLY bytes is an error.
     """
 
     def __init__(self, on_line=None):
         self.on_line = on_line  # called with each raw line, for the -v trace
-        self.pending = b""
+        self.pending: list[bytes] = []  # the pieces of a line not yet ended
+        self.pending_size = 0
         self.started = False
         self.after_cr = False
         self.event = ""
-        self.data = []
+        self.data: list[str] = []
+        self.data_size = 0
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """Take the next bytes of the stream; return the (event, data) pairs they complete."""
         if self.after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
+        if not chunk:
+            return []
         self.after_cr = chunk.endswith(b"\r")
-        data = self.pending + chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self.pending_size += len(chunk)
+            if self.pending_size > MAX_REPLY:
+                raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
+            self.pending.append(chunk)
+            return []
+        data = b"".join(self.pending) + chunk if self.pending else chunk
         lines = data.splitlines()  # at LF, CRLF and CR only: str.splitlines() knows more breaks
         unfinished = lines and not data.endswith((b"\n", b"\r"))
-        self.pending = lines.pop() if unfinished else b""
+        last = lines.pop() if unfinished else b""
+        self.pending, self.pending_size = ([last], len(last)) if last else ([], 0)
         if lines and not self.started:
             self.started = True
             lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # the spec strips one BOM
@@ -1118,58 +1343,148 @@ class SSEDecoder:
             if not text:  # a blank line dispatches the event
                 if self.data:
                     events.append((self.event, "\n".join(self.data)))
-                self.event, self.data = "", []
+                self.event, self.data, self.data_size = "", [], 0
             elif not text.startswith(":"):  # a colon first makes a comment
                 field, _, value = text.partition(":")
                 value = value.removeprefix(" ")
                 if field == "data":
                     self.data.append(value)
+                    self.data_size += len(value)
+                    if self.data_size > MAX_REPLY:
+                        raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
                 elif field == "event":
                     self.event = value
                 # "id" and "retry" only matter to a client that reconnects; this one does not.
         return events
 
 
-def iter_body(response):
-    """Yield the body's bytes as soon as they arrive, chunked or not.
-
-    Reads urllib3's response directly (iter_content(chunk_size=None) would wait for
-    the whole body when it is not chunked), so its errors are turned here into the
-    ones requests raises, with the request attached for the error message.
-    """
-    import requests
-    import urllib3
-
-    raw = response.raw
+def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
+    """The text and the reasoning one stream event adds to choice 0; records the rest (finish
+    reason, usage, model, tool calls, other choices) on reply."""
     try:
-        if raw.chunked:
-            yield from raw.read_chunked(decode_content=True)  # each chunk as it comes
-        elif hasattr(raw, "read1"):  # urllib3 2.3+
-            while chunk := raw.read1(READ_SIZE, decode_content=True):
-                yield chunk
-        else:  # older urllib3: waits for READ_SIZE bytes or the end of the body
-            yield from raw.stream(READ_SIZE, decode_content=True)
-    except urllib3.exceptions.ReadTimeoutError as exc:
-        raise requests.ReadTimeout(exc, request=response.request) from None
-    except urllib3.exceptions.ProtocolError as exc:
-        raise requests.exceptions.ChunkedEncodingError(exc, request=response.request) from None
-    except urllib3.exceptions.SSLError as exc:
-        raise requests.exceptions.SSLError(exc, request=response.request) from None
-    except urllib3.exceptions.DecodeError as exc:
-        raise requests.exceptions.ContentDecodingError(exc, request=response.request) from None
+        chunk = json.loads(data)
+    except (ValueError, RecursionError):
+        raise ApiError(f"malformed event in the stream: {data!r}") from None
+    if not isinstance(chunk, dict):
+        raise ApiError(f"unexpected event in the stream: {data!r}")
+    if event == "error" or "error" in chunk:
+        raise ApiError(f"the server reported an error mid-stream: {error_message(chunk) or data}")
+    if chunk.get("usage"):
+        reply.usage = chunk["usage"]
+    if not reply.model and isinstance(chunk.get("model"), str):
+        reply.model = chunk["model"]
+    text, reasoning = "", ""
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        if not isinstance(choice, dict):
+            continue
+        index = choice.get("index", 0)
+        if index != 0:  # -o n 3: only the first answer is shown
+            reply.choices = max(reply.choices, index + 1 if isinstance(index, int) else 2)
+            continue
+        if choice.get("finish_reason"):
+            reply.finish_reason = choice["finish_reason"]
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            continue
+        content = delta.get("content") or delta.get("refusal")
+        text = content if isinstance(content, str) else ""
+        reasoning = reasoning_text(delta)
+        added = add_tool_calls(reply.tool_calls, delta["tool_calls"]) if delta.get("tool_calls") else 0
+        reply.size += len(text) + len(reasoning) + added
+    return text, reasoning
 
 
-def stream_reply(response, output: Output, trace=None) -> Reply:
-    """Show a streamed reply as it arrives, and return it whole."""
+class Output:
+    """Shows one reply as it arrives: the text on stdout, the reasoning (when shown) on stderr,
+    dimmed on a terminal and labelled when it is not, and until either starts, on a terminal,
+    a spinner counting the wait. finish() ends it all, whatever happened."""
+
+    def __init__(self, env: Env, show_reasoning: bool, spin: bool):
+        self.env = env
+        self.show_reasoning = show_reasoning
+        self.text_end: str | None = None  # the last character on stdout; None before any
+        self.reasoning_end: str | None = None  # the same for reasoning being shown on stderr
+        self.held_cr = ""  # a terminal's "\r" at the end of a delta waits: the next may be "\n"
+        if spin:
+            env.start_spinner()
+
+    @property
+    def started(self) -> bool:
+        """Text is on stdout: a failure can no longer be retried."""
+        return self.text_end is not None
+
+    def reasoning(self, text: str) -> None:
+        if not text or not self.show_reasoning:
+            return
+        if self.reasoning_end is None:
+            self.env.stop_spinner()
+            self.env.stderr.write(DIM if self.env.color else "reasoning:\n")
+        self.env.stderr.write(visible(text))
+        self.reasoning_end = text[-1]
+
+    def text(self, text: str) -> None:
+        if not text:
+            return
+        if self.reasoning_end is not None or self.env.spinner:
+            self.end_reasoning()
+        if self.env.stdout_tty:
+            text, self.held_cr = self.held_cr + text, ""
+            if text.endswith("\r"):
+                text, self.held_cr = text[:-1], "\r"
+        self.env.write(text)
+        self.text_end = text[-1:] or self.text_end or ""
+
+    def show(self, reply: Reply) -> None:
+        """A whole (not streamed) reply."""
+        self.reasoning(reply.reasoning)
+        self.text(reply.text)
+
+    def flush(self) -> None:
+        self.env.stderr.flush()
+        self.env.stdout.flush()
+
+    def end_reasoning(self, interrupted: bool = False) -> None:
+        """Stop the spinner; set the reasoning apart from what follows: its line ended, then a
+        blank line (after Ctrl-C, only the terminal's colour restored)."""
+        self.env.stop_spinner()
+        if self.reasoning_end is not None:
+            ending = "" if interrupted else "\n" * (1 + (self.reasoning_end != "\n"))
+            self.env.stderr.write((NORMAL if self.env.color else "") + ending)
+            self.env.stderr.flush()
+            self.reasoning_end = None
+
+    def finish(self, outcome: str) -> None:
+        """Leave the screen tidy: outcome "complete" ends the reply with exactly one newline (an
+        empty reply is an empty line); "failed" ends an open line, so the error starts on its
+        own; "interrupted" leaves stdout as it is."""
+        self.end_reasoning(interrupted=outcome == "interrupted")
+        if self.held_cr:
+            self.env.write(self.held_cr)
+            self.text_end, self.held_cr = "\r", ""
+        if outcome != "interrupted" and (self.text_end not in (None, "\n") or
+                                         (outcome == "complete" and self.text_end is None)):
+            self.env.stdout.write("\n")
+        self.flush()
+
+
+def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
+    """Show a streamed reply as it arrives, and return it whole. Keep-alives alone for
+    --timeout seconds are a timeout; more than MAX_REPLY characters is an error."""
     reply = Reply(streamed=True)
     texts, thoughts = [], []
+    decoder = SSEDecoder(trace.sse_line if trace else None)
+    last_data = time.monotonic()
     try:
-        decoder = SSEDecoder(trace.sse_line if trace else None)
-        for chunk in iter_body(response):
+        for chunk in iter_body(response, server):
+            fresh = False
             for event, data in decoder.feed(chunk):
                 if data == "[DONE]":
                     reply.done = True
                     break
+                if not data or data.isspace():
+                    continue  # empty or blank data: a keep-alive some servers send
+                fresh = True
                 text, reasoning = read_stream_event(event, data, reply)
                 if reasoning:
                     output.reasoning(reasoning)
@@ -1182,53 +1497,52 @@ def stream_reply(response, output: Output, trace=None) -> Reply:
             output.flush()
             if reply.done:
                 break
+            if reply.size > MAX_REPLY:
+                raise ApiError(f"the streamed reply passed {MAX_REPLY // 2**20} MiB; chat.py stopped there")
+            now = time.monotonic()
+            if fresh:
+                last_data = now
+            elif now - last_data > server.timeout:
+                raise TimedOut(f"{server.host} sent no data for {server.timeout:g} s, only "
+                               "keep-alives (--timeout)")
+    except ChatError as error:
+        error.retryable = error.retryable and not output.started
+        raise
     finally:
         response.close()
-    reply.text, reply.reasoning = "".join(texts), "".join(thoughts)
+    text = "".join(texts)
+    calls = tool_call_lines(reply.tool_calls)
+    if calls:
+        output.text(after_text(text, calls))
+    reply.text, reply.reasoning = text + after_text(text, calls), "".join(thoughts)
     return reply
 
 
-def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
-    """The text and the reasoning one stream event adds; records finish_reason and usage."""
-    if not data or data.isspace():
-        return "", ""  # empty or blank data: a keep-alive some servers send
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise ApiError(f"malformed event in the stream: {data!r}") from None
-    if not isinstance(chunk, dict):
-        raise ApiError(f"unexpected event in the stream: {data!r}")
-    if event == "error" or "error" in chunk:
-        error = chunk.get("error", chunk)
-        message = error.get("message") if isinstance(error, dict) else error
-        raise ApiError(f"the server reported an error mid-stream: {message or data}")
-    if chunk.get("usage"):
-        reply.usage = chunk["usage"]
-    try:
-        choice = chunk["choices"][0]
-        if choice.get("finish_reason"):
-            reply.finish_reason = choice["finish_reason"]
-        delta = choice["delta"]
-        text = delta.get("content") or delta.get("refusal")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return "", ""  # no choices (a usage chunk, a keep-alive) or no delta: nothing to show
-    return (text if isinstance(text, str) else ""), reasoning_text(delta)
+def token_detail(usage, group: str, name: str) -> int | None:
+    """A count inside usage's prompt_tokens_details or completion_tokens_details, if reported."""
+    details = usage.get(group) if isinstance(usage, dict) else None
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if isinstance(value, int) else None
 
 
-def reply_warning(reply: Reply) -> str | None:
-    """What to tell the user about a reply that may not be whole."""
+def reply_warnings(reply: Reply) -> list[str]:
+    """What to tell the user about a reply that may not be whole, or was one of several."""
+    warnings = []
+    if reply.choices > 1:
+        warnings.append(f"the server sent {reply.choices} choices (-o n); only the first is shown, "
+                        f"{reply.choices - 1} dropped")
     if reply.finish_reason == "length" and not reply.text.strip():
         count = token_detail(reply.usage, "completion_tokens_details", "reasoning_tokens")
         tokens = f" ({count} reasoning tokens)" if count is not None else ""
-        return (f"the token limit went to reasoning{tokens} before any answer: "
-                "raise --max-tokens or lower --reasoning-effort")
-    if reply.finish_reason == "length":
-        return "the reply was cut off at the token limit (finish_reason: length)"
-    if reply.finish_reason == "content_filter":
-        return "the reply was cut off by the content filter (finish_reason: content_filter)"
-    if reply.streamed and not reply.done and not reply.finish_reason:
-        return "the stream ended before the reply was complete"
-    return None
+        warnings.append(f"the token limit went to reasoning{tokens} before any answer: "
+                        "raise --max-tokens or lower --reasoning-effort")
+    elif reply.finish_reason == "length":
+        warnings.append("the reply was cut off at the token limit (finish_reason: length)")
+    elif reply.finish_reason == "content_filter":
+        warnings.append("the reply was cut off by the content filter (finish_reason: content_filter)")
+    elif reply.streamed and not reply.done and not reply.finish_reason:
+        warnings.append("the stream ended before the reply was complete")
+    return warnings
 
 
 def usage_line(usage) -> str:
@@ -1245,226 +1559,367 @@ def usage_line(usage) -> str:
     return "usage: " + ", ".join(counts)
 
 
-def token_detail(usage, group: str, name: str) -> int | None:
-    """A count inside usage's prompt_tokens_details or completion_tokens_details, if reported."""
-    details = usage.get(group) if isinstance(usage, dict) else None
-    value = details.get(name) if isinstance(details, dict) else None
-    return value if isinstance(value, int) else None
-
-
-class Output:
-    """Shows a reply as it arrives: the text on stdout, the reasoning (when shown) on stderr,
-    dimmed on a terminal, and until either starts, on a terminal, a line counting the wait."""
-
-    def __init__(self, show_reasoning: bool, spin: bool):
-        self.show_reasoning = show_reasoning
-        self.color = sys.stderr.isatty() and not os.environ.get("NO_COLOR")
-        self.spin = spin
-        self.spinner = None  # a Spinner while waiting
-        self.started = False  # text is on stdout: a failure can no longer be retried
-        self.line_open = False  # the text so far does not end with a newline
-        self.thinking = False  # reasoning is being shown on stderr
-        self.thought_open = False  # ... and does not end with a newline
-
-    def wait(self) -> None:
-        if self.spin and not self.spinner:
-            self.spinner = Spinner(self.color)
-
-    def stop_waiting(self) -> None:
-        if self.spinner:
-            self.spinner.stop()
-            self.spinner = None
-
-    def reasoning(self, text: str) -> None:
-        if not text or not self.show_reasoning:
-            return
-        self.stop_waiting()
-        if not self.thinking and self.color:
-            sys.stderr.write(DIM)
-        self.thinking = True
-        sys.stderr.write(text)
-        self.thought_open = not text.endswith("\n")
-
-    def text(self, text: str) -> None:
-        if not text:
-            return
-        if self.thinking or self.spinner:
-            self.end_reasoning()
-        sys.stdout.write(text)
-        self.started = True
-        self.line_open = not text.endswith("\n")
-
-    def show(self, reply: Reply) -> None:
-        """A whole (not streamed) reply."""
-        self.reasoning(reply.reasoning)
-        self.text(reply.text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-        sys.stdout.flush()
-
-    def end_reasoning(self) -> None:
-        """Set the reasoning apart from what follows: its line ended, then a blank line."""
-        self.stop_waiting()
-        if self.thinking:
-            sys.stderr.write((NORMAL if self.color else "") + "\n" * (1 + self.thought_open))
-            sys.stderr.flush()
-            self.thinking = False
-
-    def end(self, complete: bool) -> None:
-        """End the text's line, so that what follows starts on its own. A complete reply ends
-        with exactly one newline (an empty reply is an empty line)."""
-        self.end_reasoning()
-        if self.line_open or (complete and not self.started):
-            sys.stdout.write("\n")
-            self.line_open = False
-        sys.stdout.flush()
-
-    def stop(self) -> None:
-        """After Ctrl-C too: no spinner left running, no terminal left dimmed."""
-        self.stop_waiting()
-        if self.thinking and self.color:
-            sys.stderr.write(NORMAL)
-        self.thinking = False
-
-
-class Spinner:
-    """One stderr line counting the seconds waited, from its start until stop() erases it."""
-
-    FRAMES = "|/-\\"
-
-    def __init__(self, color: bool):
-        import threading
-
-        self.color = color
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.spin, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join()
-
-    def spin(self) -> None:
-        started, frame, line = time.monotonic(), 0, ""
-        while not self.stopping.wait(0.1):
-            line = f"{self.FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
-            sys.stderr.write(f"\r{DIM}{line}{NORMAL}" if self.color else f"\r{line}")
-            sys.stderr.flush()
-            frame += 1
-        if line:
-            sys.stderr.write("\r" + " " * len(line) + "\r")
-            sys.stderr.flush()
-
-
-# ----------------------------------------------------------------- tracing
-
-
-class Trace:
-    """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
-
-    def __init__(self, key: str):
-        self.key = key
-        self.started = time.perf_counter()
-
-    def write(self, prefix: str, text: str) -> None:
-        for line in text.splitlines() or [""]:
-            sys.stderr.write(redact(f"{prefix}{line}", self.key) + "\n")
-        sys.stderr.flush()
-
-    def exchange(self, response, with_body: bool) -> None:
-        request = response.request
-        url = urlsplit(request.url)
-        path = url.path + (f"?{url.query}" if url.query else "")
-        self.write("> ", f"{request.method} {path} HTTP/1.1\nHost: {url.netloc}")
-        for name, value in request.headers.items():
-            if name.lower() == "authorization":
-                value = f"Bearer {mask_key(self.key)}"
-            self.write("> ", f"{name}: {value}")
-        self.write("> ", "")
-        if request.body:
-            self.write("> ", pretty_body(request.body))
-        version = {10: "1.0", 11: "1.1", 20: "2"}.get(response.raw.version, "1.1")
-        self.write("< ", f"HTTP/{version} {response.status_code} {status_reason(response)}")
-        for name, value in response.headers.items():
-            if name.lower() == "set-cookie":
-                value = value.split("=", 1)[0] + "=…"
-            self.write("< ", f"{name}: {value}")
-        self.write("< ", "")
-        if with_body and response.content:
-            self.write("< ", pretty_body(response.content))
-        self.write("* ", f"time to first byte: {response.elapsed.total_seconds():.3f} s")
-
-    def sse_line(self, line: str) -> None:
-        sys.stderr.write(redact(f"| {elide_base64(line)}", self.key) + "\n")
-
-    def summary(self, usage: dict | None) -> None:
-        self.write("* ", f"total time: {time.perf_counter() - self.started:.3f} s")
-        if isinstance(usage, dict):
-            counts = ", ".join(f"{name} {value}" for name, value in usage.items()
-                               if isinstance(value, int))
-            self.write("* ", f"tokens: {counts}")
-
-
-def pretty_body(body: bytes | str) -> str:
-    """A body for the trace: JSON indented, Base64 cut to its length, long strings cut."""
+def check_json_reply(text: str, schema: dict) -> None:
+    """--schema: the reply must be JSON with every field the schema requires at its top."""
     try:
-        return json.dumps(cut_strings(json.loads(body)), indent=2, ensure_ascii=False)
-    except ValueError:
-        text = elide_base64(body.decode("utf-8", "replace") if isinstance(body, bytes) else body)
-        if len(text) > TRACE_TEXT_CHARS:
-            text = text[:TRACE_TEXT_CHARS] + f"…({len(text):,} characters)"
-        return text
-
-
-def cut_strings(value):
-    """A copy of a JSON value with Base64 elided and each long string cut to its start."""
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(f"the reply is not the JSON --schema asked for: {exc}") from None
+    required = schema.get("required")
+    missing = [name for name in required if isinstance(name, str)] if isinstance(required, list) else []
     if isinstance(value, dict):
-        return {key: cut_strings(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [cut_strings(item) for item in value]
-    if isinstance(value, str):
-        value = elide_base64(value)
-        if len(value) > TRACE_STRING_CHARS:
-            return value[:TRACE_STRING_CHARS] + f"…({len(value):,} characters)"
-    return value
+        missing = [name for name in missing if name not in value]
+    if missing:
+        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(missing)} that --schema asked for")
 
 
-def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
-    """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
+# ------------------------------------------------------------ saved conversations
+
+
+def state_dir(env: Env) -> str:
+    """Where conversations are saved: $CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (only an
+    absolute path counts, as the XDG spec says), else ~/.local/state/chat-py."""
+    if env.get("CHAT_PY_HOME"):
+        return env.get("CHAT_PY_HOME")
+    if os.path.isabs(env.get("XDG_STATE_HOME")):
+        return os.path.join(env.get("XDG_STATE_HOME"), "chat-py")
+    return os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state", "chat-py")
+
+
+def check_folder(folder: str) -> None:
+    """Refuse a state folder that is not the user's alone, as ssh refuses such a ~/.ssh: one
+    owned by someone else, or writable by group or others. A missing folder is fine."""
     import shlex
 
-    lines = [f"curl {'-N ' if stream else ''}{shlex.quote(url)}"]
-    lines.append("-H 'Content-Type: application/json'")
-    lines.append(f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}")
-    if send_key:
-        lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
-    lines.append("--data-binary @- <<'JSON'")
-    # A pretty-printed JSON document never has a line that is only JSON.
-    return " \\\n  ".join(lines) + "\n" + json.dumps(body, indent=2, ensure_ascii=False) + "\nJSON"
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"cannot use the folder {folder}: {exc.strerror}") from None
+    fix = f"(chmod 700 {shlex.quote(folder)} fixes it)"
+    if info.st_uid != os.getuid():
+        raise UsageError(f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
+                         "keeps conversations only in a folder of your own",
+                         hint=f"(chown it to you, then {fix[1:]}, or set CHAT_PY_HOME)")
+    if info.st_mode & 0o022:
+        raise UsageError(f"the folder {folder} is writable by others, who could plant files there",
+                         hint=fix)
 
 
-# --------------------------------------------------------------------- main
+def make_folder(folder: str) -> None:
+    """Create folder and any missing parents, each 0700 whatever the umask."""
+    missing, path = [], os.path.abspath(folder)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)
+
+
+def open_private(path: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+    """A file descriptor for a file in the state folder, never through a symbolic link and
+    only for a regular file (a link or a device planted there would redirect the read or write)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IsADirectoryError(0, "not a regular file")
+    return fd
+
+
+def check_name(name: str) -> str:
+    """A conversation name, checked before any file is touched: it can never become a path."""
+    name = name.removesuffix(".jsonl")
+    if not NAME_PATTERN.fullmatch(name):
+        raise UsageError(f"{name!r} is not a conversation name: use up to 64 letters, digits, "
+                         "'.', '_' or '-', not starting with '.'")
+    return name
+
+
+def new_name(folder: str) -> str:
+    """A fresh conversation name that sorts by time, such as 20261126-191002-a3f."""
+    while True:
+        name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()[:3]
+        if not os.path.lexists(os.path.join(folder, f"{name}.jsonl")):
+            return name
+
+
+def not_a_file(path: str) -> str | None:
+    """Why a conversation file cannot be used (a link, a folder, a device), or None."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link, which chat.py does not follow"
+    return None if stat.S_ISREG(info.st_mode) else "is not a regular file"
+
+
+def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
+    """(modification time, name) of each saved conversation, the newest first; a link or
+    anything else that is not a regular file is skipped with a warning."""
+    check_folder(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise UsageError(f"cannot read the conversations in {folder}: {exc.strerror}") from None
+    found = []
+    for entry in entries:
+        if not entry.name.endswith(".jsonl"):
+            continue
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            env.warn(f"skipped {entry.path}: {not_a_file(entry.path)}")
+            continue
+        found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name.removesuffix(".jsonl")))
+    return sorted(found, reverse=True)
+
+
+def conversation_path(folder: str, name: str) -> str:
+    """The file of an existing conversation; an unknown name, a link or a device is a usage error."""
+    check_folder(folder)
+    path = os.path.join(folder, f"{check_name(name)}.jsonl")
+    try:
+        problem = not_a_file(path)
+    except FileNotFoundError:
+        raise UsageError(f"no conversation named {name!r} in {folder}",
+                         hint="(python chat.py --chats lists them)") from None
+    if problem:
+        raise UsageError(f"{path} {problem}")
+    return path
+
+
+def newest_conversation(folder: str, env: Env) -> str:
+    saved = saved_conversations(folder, env)
+    if not saved:
+        raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
+    return saved[0][1]
+
+
+def read_private(path: str) -> bytes:
+    try:
+        fd = open_private(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    with open(fd, "rb") as file:
+        return file.read()
+
+
+def load_turns(path: str, env: Env) -> list[dict]:
+    """The turns of a saved conversation. A line that is not a turn (a torn write, a bad hand
+    edit) is skipped with a warning; a retried turn replaces the one before it."""
+    turns = []
+    # split at b"\n" only: U+2028 in a reply is no line break
+    for number, line in enumerate(read_private(path).split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            turn = json.loads(line)
+        except (ValueError, RecursionError):
+            turn = None
+        if not (isinstance(turn, dict) and isinstance(turn.get("user"), dict)
+                and isinstance(turn.get("assistant"), str)):
+            env.warn(f"{path} line {number} is not a saved turn (a torn write or a bad edit?); skipped")
+            continue
+        if turn.pop("retry", False) and turns:
+            turns.pop()
+        turns.append(turn)
+    return turns
+
+
+def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: Env) -> Conversation:
+    """The conversation this run goes on with (-c, --chat NAME), or a new one."""
+    if args.continue_ and args.chat is not None:
+        raise UsageError("-c and --chat cannot go together: -c continues the newest conversation")
+    if not args.continue_ and args.chat is None:
+        return Conversation(folder, new_name(folder), save=save)
+    name = check_name(args.chat) if args.chat is not None else newest_conversation(folder, env)
+    conversation = Conversation(folder, name, save=save)
+    if os.path.lexists(conversation.path):
+        conversation.turns = load_turns(conversation_path(folder, name), env)
+    return conversation
+
+
+def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]) -> None:
+    """Append a turn as one line with one write, then fsync; files are never rewritten.
+    The folder is made 0700 and the file 0600, whatever the umask; the key is never written,
+    even when a server echoes it back."""
+    check_folder(conversation.folder)
+    make_folder(conversation.folder)
+    data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
+    try:
+        fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
+        os.fchmod(fd, 0o600)  # whatever the umask
+    except FileExistsError:
+        fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # never glue a turn onto a torn last line
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
+    """Keep a finished turn; a retry replaces the turn before it. Saving never costs the
+    reply: a failure to write is a warning."""
+    if retry:
+        conversation.turns.pop()
+    conversation.turns.append(turn)
+    if not conversation.save:
+        return
+    try:
+        append_line(conversation, {"retry": True, **turn} if retry else turn, env.secrets)
+    except UsageError as exc:
+        env.warn(f"could not save the conversation: {exc}", f" {exc.hint}")
+    except OSError as exc:
+        env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
+
+
+def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str) -> dict:
+    """A turn as it is saved: when, which model and server, the question as sent and where its
+    images came from, the answer and the model that says it answered."""
+    messages = body.get("messages") or [{}]
+    system = messages[0].get("content") if messages[0].get("role") == "system" else None
+    return drop_nones({
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": body.get("model"),
+        "system": system,
+        "user": user_message,
+        "images": list(images) or None,
+        "assistant": reply.text,
+        "answered_by": reply.model,
+        "finish_reason": reply.finish_reason,
+        "usage": reply.usage,
+        "base_url": public_url(base_url),
+    })
+
+
+def summarize(path: str) -> tuple[int, str]:
+    """A conversation's turn count and the start of its first question. Lines are counted as
+    bytes; only the first is parsed."""
+    lines = read_private(path).split(b"\n")
+    turns = sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
+    try:
+        question = message_text(json.loads(lines[0])["user"]["content"]) or ""
+    except (ValueError, KeyError, TypeError, RecursionError):
+        question = "?"
+    return turns, one_line(question, room=60)
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def list_conversations(folder: str, env: Env) -> None:
+    """--chats: one line per conversation, newest first."""
+    saved = saved_conversations(folder, env)
+    if not saved:
+        env.say(f"no saved conversations in {folder}")
+        return
+    width = max(len(name) for _, name in saved)
+    for mtime, name in saved:
+        turns, question = summarize(os.path.join(folder, f"{name}.jsonl"))
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
+        env.write(f"{name:<{width}}  {plural(turns, 'turn'):>9}  {when}  {question}\n")
+
+
+def local_time(stamp: str | None) -> str:
+    from datetime import datetime
+
+    try:
+        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return str(stamp)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def readable(turn: dict) -> str:
+    """A turn's question as text, then an [image: ...] line per image: the file or URL it came
+    from when the turn says, else its URL with Base64 elided."""
+    message = turn["user"]
+    content = message.get("content")
+    parts = content if isinstance(content, list) else []
+    images = [part.get("image_url") for part in parts
+              if isinstance(part, dict) and part.get("type") == "image_url"]
+    urls = [image.get("url") if isinstance(image, dict) else image for image in images]
+    sources = turn.get("images") if isinstance(turn.get("images"), list) else urls
+    lines = [message_text(content) or ""] + [f"[image: {elide_base64(str(source))}]" for source in sources]
+    return "\n".join(lines)
+
+
+def show_conversation(path: str, env: Env) -> None:
+    """--show: the conversation for a person to read, each question and answer in order."""
+    turns = load_turns(path, env)
+    name = os.path.basename(path).removesuffix(".jsonl")
+    env.write(f"conversation {name}: {plural(len(turns), 'turn')}\n")
+    system = None
+    for turn in turns:
+        if turn.get("system") != system:
+            system = turn.get("system")
+            env.write(f"\nsystem prompt: {system or '(none)'}\n")
+        env.write(f"\nyou, {local_time(turn.get('time'))}:\n{readable(turn)}\n")
+        speaker = turn.get("answered_by") or turn.get("model") or "assistant"
+        env.write(f"\n{speaker}:\n{turn['assistant']}\n")
+
+
+def forget_conversations(paths: list[str], env: Env) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except OSError as exc:
+            raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
+        env.write(f"forgot {os.path.basename(path).removesuffix('.jsonl')} (deleted {path})\n")
+
+
+# ------------------------------------------------------------ the command line
+
+
+def number_type(convert, is_valid, wanted: str):
+    """An argparse type: a finite number (convert is int or float) for which is_valid holds."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
+        return value
+
+    return parse
+
+
+def raise_usage_error(message: str):
+    # "argument --max-tokens: must be ..." reads better as "--max-tokens must be ..."
+    message = re.sub(r"^argument (\S+): must be", r"\1 must be", message)
+    raise UsageError(f"{message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chat.py",
+        prog="chat.py", add_help=False,
         description="Ask an OpenAI-compatible chat-completions API. With no question "
         "on a terminal, start a conversation. Answered questions are saved: -c goes on.",
         epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, "
-        "4 timeout, 130 interrupted. The key is read from OPENAI_API_KEY (or .env); "
-        "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
+        "4 timeout, 70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY "
+        "(or .env); conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
     )
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")
+    add("-h", "--help", action="store_true", help="show this help and exit")
     add("-c", "--continue", dest="continue_", action="store_true",
         help="continue the conversation written last")
     add("--chat", metavar="NAME", help="continue conversation NAME, or start it")
     add("--chats", action="store_true", help="list the saved conversations, newest first")
     add("--show", nargs="?", const="", metavar="NAME",
         help="print a saved conversation (default: the newest)")
-    add("--forget", metavar="NAME", help="delete a saved conversation")
+    add("--forget", nargs="+", metavar="NAME", help="delete saved conversations")
     add("--no-save", action="store_true", help="do not save this run (or set CHAT_PY_NO_SAVE=1)")
     add("-f", "--file", action="append", default=[], metavar="PATH",
         help="add a text file to the question (repeatable)")
@@ -1472,12 +1927,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach an image file or http(s)/data: URL (repeatable)")
     add("--detail", choices=["low", "high", "original", "auto"],
         help="image detail level, also how far local images are shrunk")
+    add("--schema", metavar="SPEC", help="answer in JSON: a JSON Schema, @file.json, or fields "
+        "such as 'name, age int, bio: one sentence'")
     add("--stream", action=argparse.BooleanOptionalAction, default=None,
         help="print the reply as it is generated (default: on in a conversation)")
     add("-m", "--model", metavar="NAME", help=f"model (env OPENAI_MODEL, else {DEFAULT_MODEL})")
     add("-s", "--system", metavar="TEXT", help="system prompt ('' for none)")
-    add("--temperature", type=number, metavar="F", help="sampling temperature")
-    add("--max-tokens", type=whole_number(1), metavar="N", help="most tokens in the reply")
+    add("--temperature", type=number_type(float, lambda value: True, "a number"), metavar="F",
+        help="sampling temperature")
+    add("--max-tokens", type=number_type(int, lambda value: value >= 1, "a whole number of at least 1"),
+        metavar="N", help="most tokens in the reply")
     add("--reasoning-effort", metavar="LEVEL",
         help="sent as reasoning_effort (none, minimal, low, medium, high ...: servers differ)")
     add("--reasoning", choices=["show", "hide"],
@@ -1487,339 +1946,331 @@ def build_parser() -> argparse.ArgumentParser:
     add("-u", "--usage", action="store_true", help="print the token usage on stderr")
     add("--models", action="store_true", help="list the server's models and exit")
     add("--base-url", metavar="URL", help=f"API root (env OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
-    add("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="S",
-        help="seconds to wait for each read (default: %(default)g); "
-        f"connecting waits at most {CONNECT_TIMEOUT:g}")
-    add("--retries", type=whole_number(0), default=DEFAULT_RETRIES, metavar="N",
-        help="retries after 429, 5xx, timeouts and network errors (default: %(default)s)")
+    add("--timeout", type=number_type(float, lambda value: value > 0, "a number of seconds above 0"),
+        default=DEFAULT_TIMEOUT, metavar="S", help="seconds to wait for each read (default: "
+        f"%(default)g); connecting waits at most {CONNECT_TIMEOUT:g}")
+    add("--retries", type=number_type(int, lambda value: value >= 0, "a whole number of at least 0"),
+        default=DEFAULT_RETRIES, metavar="N",
+        help="retries after 429, 5xx, connection failures (default: %(default)s)")
     add("-v", "--verbose", action="store_true",
         help="trace the HTTP exchange on stderr (the key masked)")
     add("--curl", action="store_true", help="print the equivalent curl command and send nothing")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
+    add("--version", action="store_true", help="print the version and exit")
     parser.error = raise_usage_error
     return parser
 
 
-def raise_usage_error(message: str):
-    # "argument --max-tokens: must be ..." reads better as "--max-tokens must be ..."
-    message = re.sub(r"^argument (\S+): must be", r"\1 must be", message)
-    raise UsageError(f"{message} (see --help)")
-
-
-def whole_number(minimum: int):
-    def parse(text: str) -> int:
-        if not re.fullmatch(r"\s*[+-]?\d+\s*", text) or int(text) < minimum:
-            raise argparse.ArgumentTypeError(
-                f"must be a whole number of at least {minimum}, not {text!r}")
-        return int(text)
-
-    return parse
-
-
-def number(text: str) -> float:
-    value = finite_float(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}")
-    return value
-
-
-def seconds(text: str) -> float:
-    value = finite_float(text)
-    if value is None or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float | None:
-    """The number in text, or None; nan and inf are no numbers here (JSON cannot carry them)."""
-    import math
+def read_dotenv(env: Env) -> dict[str, str]:
+    """OPENAI_API_KEY, OPENAI_BASE_URL and OPENAI_MODEL from ./.env, and nothing else: they never
+    enter the environment. A line python-dotenv cannot parse is a warning naming it."""
+    import io
+    import logging
 
     try:
-        value = float(text)
+        fd = os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return {}
+    with open(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            env.warn(".env is not a regular file; ignored")
+            return {}
+        data = file.read(MAX_DOTENV + 1)
+    if len(data) > MAX_DOTENV:
+        env.warn(f".env is larger than {MAX_DOTENV // 1024} KiB; ignored")
+        return {}
+    from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a .env
+
+    def warn_instead(record: logging.LogRecord) -> bool:
+        env.warn(".env: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
+        return False
+
+    logger = logging.getLogger("dotenv.main")
+    logger.addFilter(warn_instead)
+    try:
+        text = data.decode("utf-8", "replace")
+        values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    finally:
+        logger.removeFilter(warn_instead)
+    ignored = sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name))
+    if ignored:
+        env.warn(f".env: {', '.join(ignored)} ignored: a .env sets only {', '.join(DOTENV_NAMES)}; "
+                 "set the others in your shell")
+    return {name: value.strip() for name, value in values.items()
+            if name in DOTENV_NAMES and value and value.strip()}
+
+
+def make_server(args: argparse.Namespace, env: Env) -> Server:
+    """The base URL and key from the command line, the environment, then ./.env."""
+    dotenv = read_dotenv(env)
+    url_from_dotenv = not args.base_url and not env.get("OPENAI_BASE_URL") and "OPENAI_BASE_URL" in dotenv
+    base_url = args.base_url or env.get("OPENAI_BASE_URL") or dotenv.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    parts = urlsplit(base_url)
+    try:
+        port_ok = parts.port != 0  # .port raises for a port that is not a number, or too large
     except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise UsageError(f"--base-url must be an http:// or https:// URL, not {shown_url(base_url)!r}")
+    key = env.get("OPENAI_API_KEY") or dotenv.get("OPENAI_API_KEY", "")
+    env.secrets = tuple(secret for secret in (key, parts.password) if secret)
+    return Server(base_url, key, args.timeout, args.retries, url_from_dotenv,
+                  key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
+                  model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"))
 
 
-def load_dotenv_file() -> None:
-    """Load ./.env without overriding variables already set; a line python-dotenv cannot
-    parse is a warning naming it."""
-    if os.path.isfile(".env"):
-        import logging
-
-        from dotenv import load_dotenv  # about 15 ms to import; only paid when there is a .env
-
-        def warn_instead(record: logging.LogRecord) -> bool:
-            warn(".env: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
-            return False
-
-        logging.getLogger("dotenv.main").addFilter(warn_instead)
-        load_dotenv(".env", override=False)
-
-
-def read_piped_stdin(stdin) -> str | None:
-    """All of stdin when it is not a terminal, as UTF-8 (undecodable bytes replaced)."""
-    if stdin is None:  # started with stdin closed
-        return ""
-    if stdin.isatty():
-        return None
-    return decode_utf8(stdin.buffer.read(), "stdin")
+def check_key(server: Server, env: Env) -> None:
+    """Before anything is sent: the key must fit in a header, go only where its owner sent it,
+    and OpenAI's hosts need one; sending it unencrypted to another machine deserves a warning."""
+    where = urlsplit(server.base_url)
+    if not server.key:
+        if is_openai_host(server.base_url):
+            raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                             "(see .env.example); a local server needs no key: pass its --base-url")
+        return
+    # requests would refuse such a header, quoting it (and so the key) in its error.
+    if not server.key.isascii() or not server.key.isprintable() or " " in server.key:
+        raise UsageError("OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value")
+    if server.url_from_dotenv and not server.key_from_dotenv and not is_loopback(where.hostname):
+        raise UsageError(
+            f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes from your "
+            "environment, not from that .env: chat.py will not send it there",
+            hint="(if you trust it, put the key in that .env too, or pass --base-url or export "
+                 "OPENAI_BASE_URL)")
+    if where.scheme == "http" and not is_loopback(where.hostname):
+        env.warn(f"sending the API key unencrypted to {server.host} over http://")
 
 
-def warn(message: str, key: str = "", tail: str = "") -> None:
-    """One line: warning: MESSAGE, cut to fit, then the tail whole."""
-    room = LINE_CHARS - len("warning: ") - len(tail)
-    print(f"warning: {one_line(message, key, room)}{tail}", file=sys.stderr, flush=True)
-
-
-def print_error(exc: ChatError, key: str, hint: str = "") -> None:
-    """One line: error: MESSAGE HINT. The message is cut to fit; the hints stay whole."""
-    hint = "".join(f" {part}" for part in (exc.hint, hint) if part)
-    message = one_line(str(exc), key, LINE_CHARS - len("error: ") - len(hint))
-    print(f"error: {message}{hint}", file=sys.stderr, flush=True)
-
-
-def silence_stdout() -> None:
-    """After a closed pipe, point stdout at /dev/null so the exit flush cannot fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run chat.py; return the exit status. Failures end here as one error line
-    (a conversation reports a failed turn itself and goes on)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    key = ""
-    try:
-        args = build_parser().parse_args(argv)
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
-        load_dotenv_file()
-        key = os.environ.get("OPENAI_API_KEY", "").strip()
-        return run(args, key)
-    except KeyboardInterrupt:
-        sys.stderr.write("\n")
-        return ExitStatus.INTERRUPTED
-    except BrokenPipeError:
-        silence_stdout()
-        return ExitStatus.OK
-    except Exception as exc:
-        if os.environ.get("CHAT_PY_TRACEBACK"):
-            raise
-        if not isinstance(exc, ChatError):
-            exc = ChatError(f"unexpected {type(exc).__name__}: {exc}")
-        print_error(exc, key)
-        return exc.exit_status
-
-
-def run(args: argparse.Namespace, key: str) -> int:
-    """The program without its error handling."""
-    folder = state_dir()
-    if args.chats or args.show is not None or args.forget is not None:
-        return manage_conversations(args, folder)
-    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    check_base_url(base_url)
-    conn = Connection(base_url, key, args.timeout, args.retries)
-    if args.models:
-        check_key(conn)
-        return print_models(conn, args.verbose)
-    if args.model == "":
-        raise UsageError("-m/--model needs a model name")
-    options = parse_options(args.option)
-    saving = not args.no_save and os.environ.get("CHAT_PY_NO_SAVE", "") in ("", "0")
-    conversation = open_conversation(args, folder, saving)
-    piped = read_piped_stdin(sys.stdin)
-    files = [file_block(path, read_text_file(path)) for path in args.file]
-    interactive = not args.question and piped is None and not args.curl
-    question = build_question(args.question, piped, files)
-    if not question and not interactive:
-        raise UsageError('no question given: try  python chat.py "Why is the sky blue?"')
-    if not args.curl:
-        check_key(conn)
-    settings = make_settings(args, base_url, options, conversation, interactive)
-    image_urls = prepare_images(args.image, args.detail, args.verbose)
-    if args.curl:
-        user_message = build_user_message(question, image_urls, args.detail)
-        body = build_body(settings, build_messages(conversation.turns, user_message, settings.system))
-        send_key = bool(key) or is_openai_host(base_url)
-        print(curl_command(api_url(base_url, "/chat/completions"), body, send_key, settings.stream))
-        return ExitStatus.OK
-
-    import requests
-
-    with requests.Session() as session:
-        if interactive:
-            return converse(session, conn, settings, conversation, image_urls, files, args.detail)
-        ask(session, conn, settings, conversation, build_user_message(question, image_urls, args.detail))
-    return ExitStatus.OK
-
-
-def manage_conversations(args: argparse.Namespace, folder: str) -> int:
-    """--chats, --show and --forget: no network, no key."""
-    if args.chats:
-        list_conversations(folder)
-    elif args.forget is not None:
-        forget_conversation(conversation_path(folder, args.forget))
-    else:
-        show_conversation(conversation_path(folder, args.show or newest_conversation(folder)))
-    return ExitStatus.OK
-
-
-def check_key(conn: Connection) -> None:
-    """Before sending: the key must fit in a header, OpenAI's hosts need one, and sending it
-    unencrypted to another machine deserves a warning."""
-    where = urlsplit(conn.base_url)
-    if conn.key:
-        check_api_key(conn.key)
-        if where.scheme == "http" and not is_loopback(where.hostname):
-            warn(f"sending the API key unencrypted to {where.netloc} over http://")
-    elif is_openai_host(conn.base_url):
-        raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                         "(see .env.example); a local server needs no key: pass its --base-url")
-
-
-def prepare_images(sources: list[str], detail: str | None, verbose: bool) -> list[str]:
-    """The URL to send for each --image; with -v, a line per image saying what and why."""
-    urls = []
-    for source in sources:
-        url, note = image_url(source, detail)
-        if verbose:
-            print(f"* {note}", file=sys.stderr)
-        urls.append(url)
-    return urls
-
-
-def make_settings(args: argparse.Namespace, base_url: str, options: list, conversation: Conversation,
-                  interactive: bool) -> Settings:
+def make_settings(args: argparse.Namespace, env: Env, server: Server, options: list,
+                  schema: dict | None, conversation: Conversation, interactive: bool) -> Settings:
     """The run's settings; a continued conversation keeps its last model and system prompt
     unless -m or -s say otherwise."""
     last = conversation.turns[-1] if conversation.turns else {}
+    show_reasoning = args.reasoning == "show" or (args.reasoning is None and env.stderr_tty)
     return Settings(
-        model=args.model or last.get("model") or os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL,
-        base_url=base_url,
+        model=args.model or last.get("model") or server.model or DEFAULT_MODEL,
         system=args.system if args.system is not None else last.get("system"),
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         reasoning_effort=args.reasoning_effort,
         options=options,
+        schema=schema,
         stream=args.stream if args.stream is not None else interactive,
         usage=args.usage,
-        show_reasoning=args.reasoning == "show" or (args.reasoning is None and sys.stderr.isatty()),
+        show_reasoning=show_reasoning,
         verbose=args.verbose,
     )
 
 
-def print_models(conn: Connection, verbose: bool) -> int:
-    """--models: the ids the server lists at BASE_URL/models, sorted, one per line."""
-    import requests
-
-    trace = Trace(conn.key) if verbose else None
-    with requests.Session() as session:
-        models = request(session, conn, "/models", None, lambda response, _: read_models(response),
-                         trace=trace)
-    if not models:
-        warn("the server lists no models")
-    for model in models:
-        print(model)
-    return ExitStatus.OK
+def prepare_images(sources: list[str], detail: str | None, verbose: bool, env: Env) -> list[str]:
+    """The URL to send for each --image; with -v, a line per image saying what and why."""
+    urls = []
+    for source in sources:
+        url, note = image_url(source, detail, env)
+        if verbose:
+            env.say(f"* {note}")
+        urls.append(url)
+    return urls
 
 
-def ask(session, conn: Connection, settings: Settings, conversation: Conversation,
-        user_message: dict, retry: bool = False) -> Reply:
+def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
+    """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
+    import shlex
+
+    lines = [f"curl {'-N ' if stream else ''}{shlex.quote(shown_url(url))}"]
+    lines.append("-H 'Content-Type: application/json'")
+    lines.append(f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}")
+    if send_key:
+        lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
+    lines.append("--data-binary @- <<'JSON'")
+    # A pretty-printed JSON document never has a line that is only JSON.
+    return " \\\n  ".join(lines) + "\n" + json.dumps(body, indent=2, ensure_ascii=False) + "\nJSON"
+
+
+# ------------------------------------------------------------------------ main
+
+
+def explain(error: ChatError, settings: Settings, turns: list[dict]) -> None:
+    """Add the advice a failed question needs: a full context, a long think."""
+    if isinstance(error, ApiError) and error.status and CONTEXT_OVERFLOW.search(str(error)):
+        held = (f"this conversation's {plural(len(turns), 'turn')} and the question" if turns
+                else "the question")
+        error.hint = (f"({held} fill the model's context: start a new conversation (no -c), "
+                      "or set a smaller --max-tokens)")
+    elif isinstance(error, TimedOut) and settings.reasoning_effort:
+        error.hint = "(a long think may need --stream or a larger --timeout)"
+
+
+def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = False) -> Reply:
     """Send the conversation so far and the new question, show the reply, save the turn.
     With retry, the question replaces the last turn's."""
-    turns = conversation.turns[:-1] if retry else conversation.turns
-    body = build_body(settings, build_messages(turns, user_message, settings.system))
-    trace = Trace(conn.key) if settings.verbose else None
+    env, settings, server = chat.env, chat.settings, chat.server
+    turns = chat.conversation.turns[:-1] if retry else chat.conversation.turns
+    question = message_text(user_message["content"]) or ""
+    if len(question) > LARGE_QUESTION:
+        env.warn(f"a large question: about {len(question) // CHARS_PER_TOKEN:,} tokens "
+                 f"({len(question):,} characters); a small model's context may not hold it")
+    body = build_body(settings, build_messages(turns, user_message, settings.system), server.base_url)
+    trace = Trace(env, server.key) if settings.verbose else None
     # The trace shows progress itself; the spinner would tangle with it.
-    output = Output(settings.show_reasoning, spin=sys.stderr.isatty() and not trace)
+    output = Output(env, settings.show_reasoning, spin=not trace)
 
     def read(response, streamed: bool) -> Reply:
-        return stream_reply(response, output, trace) if streamed else read_reply(response)
+        if streamed:
+            return stream_reply(response, server, output, trace)
+        return read_reply(response, server, trace)
 
+    outcome = "interrupted"
     try:
-        reply = request(session, conn, "/chat/completions", body, read, output, trace)
+        reply = call(chat.session, server, "/chat/completions", body, read, env, trace,
+                     json_object_fallback(body, settings.schema))
         if not reply.streamed:
             output.show(reply)
-        output.end(complete=True)
-    except Exception:
-        output.end(complete=False)  # the error starts on a line of its own
+        outcome = "complete"
+    except ChatError as error:
+        outcome = "failed"
+        explain(error, settings, turns)
         raise
     finally:
-        output.stop()
+        output.finish(outcome)
     if trace:
         trace.summary(reply.usage)
-    warning = reply_warning(reply)
-    if warning:
-        warn(warning)
+    for warning in reply_warnings(reply):
+        env.warn(warning)
     if settings.usage:
-        print(usage_line(reply.usage), file=sys.stderr, flush=True)
-    conversation.add(make_turn(settings, body, user_message, reply), retry, conn.key)
+        env.say(usage_line(reply.usage))
+    if settings.schema:
+        check_json_reply(reply.text, settings.schema)
+    keep_turn(chat.conversation, make_turn(body, user_message, reply, images, server.base_url),
+              env, retry)
     return reply
 
 
-# ------------------------------------------------------------ conversation
+def print_models(server: Server, verbose: bool, env: Env) -> int:
+    """--models: the ids the server lists at BASE_URL/models, sorted, one per line."""
+    import requests
+
+    trace = Trace(env, server.key) if verbose else None
+    with requests.Session() as session:
+        models = call(session, server, "/models", None,
+                      lambda response, _: read_models(response, server, trace), env, trace)
+    if not models:
+        env.warn("the server lists no models")
+    for model in models:
+        env.write(model + "\n")
+    return ExitStatus.OK
+
+
+def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int:
+    """--chats, --show and --forget: no network, no key."""
+    if args.chats:
+        list_conversations(folder, env)
+    elif args.forget:
+        forget_conversations([conversation_path(folder, name) for name in args.forget], env)
+    else:
+        name = args.show or newest_conversation(folder, env)
+        show_conversation(conversation_path(folder, name), env)
+    return ExitStatus.OK
+
+
+def run(args: argparse.Namespace, env: Env) -> int:
+    """The program without its error handling."""
+    if args.help or args.version:
+        env.write(build_parser().format_help() if args.help else f"chat.py {__version__}\n")
+        return ExitStatus.OK
+    folder = state_dir(env)
+    if args.chats or args.show is not None or args.forget:
+        return manage_conversations(args, folder, env)
+    server = make_server(args, env)
+    if args.models:
+        check_key(server, env)
+        return print_models(server, args.verbose, env)
+    if args.model == "":
+        raise UsageError("-m/--model needs a model name")
+    options = parse_options(args.option)
+    schema = parse_schema(args.schema, env) if args.schema is not None else None
+    saving = not args.no_save and env.get("CHAT_PY_NO_SAVE") in ("", "0")
+    conversation = open_conversation(args, folder, saving, env)
+    piped = read_piped_stdin(env)
+    files = [file_block(path, read_text_file(path, env)) for path in args.file]
+    interactive = not args.question and piped is None and not args.curl
+    question = build_question(args.question, piped, files)
+    if not question and not interactive:
+        raise UsageError('no question given: try  python chat.py "Why is the sky blue?"')
+    if not args.curl:
+        check_key(server, env)
+    settings = make_settings(args, env, server, options, schema, conversation, interactive)
+    image_urls = prepare_images(args.image, args.detail, args.verbose, env)
+    if args.curl:
+        user_message = build_user_message(question, image_urls, args.detail)
+        body = build_body(settings, build_messages(conversation.turns, user_message, settings.system),
+                          server.base_url)
+        send_key = bool(server.key) or is_openai_host(server.base_url)
+        env.write(curl_command(api_url(server.base_url, "/chat/completions"), body, send_key,
+                               settings.stream) + "\n")
+        return ExitStatus.OK
+
+    import requests
+
+    with requests.Session() as session:
+        chat = Chat(env, server, settings, conversation, session)
+        if interactive:
+            return converse(chat, files, args.image, image_urls, args.detail)
+        ask(chat, build_user_message(question, image_urls, args.detail), args.image)
+    return ExitStatus.OK
+
+
+def traceback_text(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+def main(argv: list[str] | None = None, env: Env | None = None) -> int:
+    """Run chat.py; return the exit status. Failures end here as one error line (a
+    conversation reports a failed turn itself and goes on). Without env, the surroundings
+    are this process's own."""
+    if env is None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        env = Env.of_process()
+    try:
+        return run(build_parser().parse_args(argv), env)
+    except KeyboardInterrupt:
+        env.stderr.write("\n")
+        return ExitStatus.INTERRUPTED
+    except BrokenPipeError:
+        try:  # point stdout at /dev/null, so the flush at exit cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), env.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return ExitStatus.OK
+    except Exception as exc:
+        package = PACKAGES.get((getattr(exc, "name", None) or "").partition(".")[0])
+        if isinstance(exc, ModuleNotFoundError) and package:
+            exc = UsageError(f"the {package} package is missing: this Python ({sys.executable}) "
+                             f"cannot import {exc.name}", hint="(pip install -r requirements.txt, or "
+                             "run chat.py with the python of the venv you installed into)")
+        if env.get("CHAT_PY_TRACEBACK"):
+            env.stderr.write(redact(traceback_text(exc), env.secrets))
+        elif isinstance(exc, ChatError):
+            env.error(exc)
+        else:
+            env.error(ChatError(f"unexpected {type(exc).__name__}: {exc}",
+                                hint="(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)"))
+        return exc.exit_status if isinstance(exc, ChatError) else ExitStatus.BUG
+
+
+# ------------------------------------------------------------------ conversation mode
 
 COMMANDS = ("/help", "/exit", "/quit", "/reset", "/retry", "/model", "/system")
 HELP = """\
 /help          this list
-/exit, /quit   leave (so do exit, quit and Ctrl-D)
+/exit, /quit   leave (so do exit, quit and Ctrl-D); Ctrl-C drops the line being typed
 /reset         start a new conversation (the old one stays saved)
 /retry         ask the last question again
 /model NAME    use another model from the next question on
 /system TEXT   set the system prompt from the next question on
 \"\"\"            on a line of its own: start a multi-line message; end it with another
 //text         send "/text" as a message"""
-
-
-def converse(session, conn: Connection, settings: Settings, conversation: Conversation,
-             image_urls: list[str], files: list[str], detail: str | None) -> int:
-    """The conversation mode: read a message, send the whole conversation, show the reply."""
-    readline_ends_eof_line = enable_line_editing()
-    print(banner(settings, conn, conversation), file=sys.stderr)
-    last_question = conversation.turns[-1]["user"] if conversation.turns else None
-    attached = False  # --image and -f go with the first question that gets an answer
-    while True:
-        try:
-            line = read_message()
-        except EOFError:
-            if not readline_ends_eof_line:
-                sys.stderr.write("\n")  # the shell's prompt starts on a line of its own
-            return ExitStatus.OK
-        command, argument = parse_command(line)
-        if line.lower() in ("exit", "quit") or command in ("/exit", "/quit"):
-            return ExitStatus.OK
-        retry = False
-        if command == "/reset":
-            conversation = Conversation(conversation.folder, new_name(conversation.folder),
-                                        save=conversation.save)
-            last_question, attached = None, False
-            print(f"(new conversation {conversation.name}; the last one stays saved)",
-                  file=sys.stderr)
-            continue
-        if command == "/retry":
-            if last_question is None:
-                print("(nothing to retry yet)", file=sys.stderr)
-                continue
-            user_message = last_question
-            retry = bool(conversation.turns) and conversation.turns[-1]["user"] is last_question
-        elif command:
-            print(run_command(command, argument, settings), file=sys.stderr)
-            continue
-        elif not line:
-            continue
-        else:
-            text = line[1:] if line.startswith("//") else line
-            user_message = build_user_message(build_question([text], None, [] if attached else files),
-                                              [] if attached else image_urls, detail)
-        last_question = user_message
-        try:
-            ask(session, conn, settings, conversation, user_message, retry)
-            attached = True
-        except KeyboardInterrupt:
-            sys.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
-        except ChatError as exc:
-            print_error(exc, conn.key, "(/retry to ask again)")
 
 
 def parse_command(line: str) -> tuple[str, str]:
@@ -1844,40 +2295,139 @@ def run_command(command: str, argument: str, settings: Settings) -> str:
     return f"(unknown command {command}, /help lists them; //{command[1:]} sends it as a message)"
 
 
-def banner(settings: Settings, conn: Connection, conversation: Conversation) -> str:
-    where = urlsplit(conn.base_url).netloc
-    if settings.model == DEFAULT_MODEL and not is_openai_host(conn.base_url):
-        where += " (a default model name: --models lists the server's)"
+def banner(chat: Chat) -> str:
+    """Two lines of at most 80 columns: what answers, and which conversation this is."""
+    settings, conversation = chat.settings, chat.conversation
+    first = f"chat.py {__version__} · {settings.model} at {chat.server.host}"
+    if settings.model == DEFAULT_MODEL and not is_openai_host(chat.server.base_url):
+        first += " (chat.py's default name: --models lists the server's)"
     turns = len(conversation.turns)
-    which = (f"conversation {conversation.name}, {turns} turn{'' if turns == 1 else 's'}" if turns
+    which = (f"conversation {conversation.name}, {plural(turns, 'turn')}" if turns
              else f"new conversation {conversation.name}")
-    return f"chat.py {__version__} · {settings.model} at {where} · {which} · /help, /exit or Ctrl-D"
+    if not conversation.save:
+        which = "nothing is saved (--no-save)"
+    second = f"{which} · /help · Ctrl-D leaves"
+    return "\n".join(one_line(line, room=BANNER_CHARS) for line in (first, second))
 
 
-def enable_line_editing() -> bool:
-    """Line editing and history for input(), where Python has readline; with GNU readline also
-    bracketed paste, so a pasted block is one message (CPython turns it off). Returns whether
-    readline itself ends the line after Ctrl-D: from version 8.2 on, it does once bracketed paste
-    is on (and input() only uses readline when stdout is a terminal too)."""
+def enable_line_editing(history: str | None) -> bool:
+    """Line editing and history for input(), where Python has readline, with the lines kept
+    in history (a file in the state folder) loaded; with GNU readline also bracketed paste, so
+    a pasted block is one message (CPython turns it off). Returns whether readline itself ends
+    the line after Ctrl-D: from version 8.2 on, it does once bracketed paste is on."""
     try:
         import readline
     except ImportError:
         return False
+    if history:
+        try:
+            for line in read_private(history).decode("utf-8", "replace").splitlines():
+                readline.add_history(line)
+        except UsageError:
+            pass  # no history yet, or a file chat.py will not read
     if "libedit" in (readline.__doc__ or ""):
         return False
     readline.parse_and_bind("set enable-bracketed-paste on")
-    return getattr(readline, "_READLINE_RUNTIME_VERSION", 0) >= 0x0802 and sys.stdout.isatty()
+    return getattr(readline, "_READLINE_RUNTIME_VERSION", 0) >= 0x0802
 
 
-def read_message() -> str:
-    """One message: a line, a pasted block, or the lines between two lines of just \"\"\"."""
-    line = input("> ").strip()
+def save_history(history: str, env: Env) -> None:
+    """The last HISTORY_LINES lines typed, one per line, in a private file (a pasted block of
+    several lines is left out: it would come back as many)."""
+    import readline
+
+    count = readline.get_current_history_length()
+    items = [readline.get_history_item(number) for number in range(1, count + 1)]
+    lines = [item for item in items if item and "\n" not in item][-HISTORY_LINES:]
+    try:
+        check_folder(os.path.dirname(history))
+        make_folder(os.path.dirname(history))
+        fd = open_private(history, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.fchmod(fd, 0o600)
+        with open(fd, "w", encoding="utf-8") as file:
+            file.write("".join(line + "\n" for line in lines))
+    except (OSError, UsageError) as exc:
+        env.warn(f"could not save the line history to {history}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def read_message(env: Env) -> str:
+    """One message: a line, a pasted block, or the lines between two lines of just \"\"\".
+    The prompts go to the terminal: to stderr when stdout is redirected."""
+
+    def read_line(prompt: str) -> str:
+        if env.stdout_tty:
+            return env.read_line(prompt)
+        env.stderr.write(prompt)
+        env.stderr.flush()
+        return env.read_line("")
+
+    line = read_line("> ").strip()
     if line != '"""':
         return line
     lines = []
-    while (line := input("... ")).strip() != '"""':
+    while (line := read_line("... ")).strip() != '"""':
         lines.append(line)
     return "\n".join(lines).strip("\n")
+
+
+def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[str],
+             detail: str | None) -> int:
+    """The conversation mode: read a message, send the whole conversation, show the reply."""
+    env = chat.env
+    history = os.path.join(chat.conversation.folder, HISTORY_FILE)
+    editing = env.read_line is input and env.stdout_tty
+    readline_ends_eof_line = editing and enable_line_editing(history)
+    env.say(banner(chat))
+    last_question = chat.conversation.turns[-1]["user"] if chat.conversation.turns else None
+    attached = False  # --image and -f go with the first question that gets an answer
+    try:
+        while True:
+            try:
+                line = read_message(env)
+            except KeyboardInterrupt:  # as in a shell: the line (or block) is dropped
+                env.stderr.write("\n")
+                continue
+            except EOFError:
+                if not readline_ends_eof_line:
+                    env.stderr.write("\n")  # the shell's prompt starts on a line of its own
+                return ExitStatus.OK
+            command, argument = parse_command(line)
+            if line.lower() in ("exit", "quit") or command in ("/exit", "/quit"):
+                return ExitStatus.OK
+            retry = False
+            if command == "/reset":
+                folder = chat.conversation.folder
+                chat.conversation = Conversation(folder, new_name(folder), save=chat.conversation.save)
+                last_question, attached = None, False
+                env.say(f"(new conversation {chat.conversation.name}; the last one stays saved)")
+                continue
+            if command == "/retry":
+                if last_question is None:
+                    env.say("(nothing to retry yet)")
+                    continue
+                user_message = last_question
+                turns = chat.conversation.turns
+                retry = bool(turns) and turns[-1]["user"] is last_question
+            elif command:
+                env.say(run_command(command, argument, chat.settings))
+                continue
+            elif not line:
+                continue
+            else:
+                text = line[1:] if line.startswith("//") else line
+                user_message = build_user_message(build_question([text], None, [] if attached else files),
+                                                  [] if attached else image_urls, detail)
+            last_question = user_message
+            try:
+                ask(chat, user_message, [] if attached else sources, retry)
+                attached = True
+            except KeyboardInterrupt:
+                env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
+            except ChatError as exc:
+                env.error(exc, "(/retry to ask again)")
+    finally:
+        if editing and chat.conversation.save:
+            save_history(history, env)
 
 
 if __name__ == "__main__":

@@ -1,324 +1,303 @@
-"""chat.py run as a subprocess against a real local server: question, key, body, reply, errors."""
-
-import json
+"""The command line against a fake server: the question, the key, the body, the reply, API
+errors and option errors. chat.main() runs in this process with its own surroundings."""
 
 import pytest
-from werkzeug import Response
 
-import chat
-from conftest import FAKE_KEY, completion, json_response
-
-URL = "/v1/chat/completions"
-
-
-def sent(httpserver, index=0) -> dict:
-    return json.loads(httpserver.log[index][0].data)
-
-
-def sent_headers(httpserver, index=0):
-    return httpserver.log[index][0].headers
+import chat as chat_module
+from conftest import FAKE_KEY, completion, json_response, http_response
 
 
 class TestQuestion:
-    def test_words_are_joined(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL, method="POST").respond_with_json(completion("A haiku."))
-        done = run_chat("--base-url", base_url, "Write", "a", "haiku", "about APIs.")
+    def test_words_are_joined(self, chat, server):
+        server.reply(json_response(completion("A haiku.")))
+        done = chat("--base-url", server.url, "Write", "a", "haiku", "about APIs.")
         assert (done.code, done.out, done.err) == (0, "A haiku.\n", "")
-        assert sent(httpserver)["messages"] == [
-            {"role": "user", "content": "Write a haiku about APIs."}]
+        assert server.bodies[0]["messages"] == [{"role": "user", "content": "Write a haiku about APIs."}]
 
-    def test_all_of_stdin_is_read(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
+    def test_all_of_stdin_is_read(self, chat, server):
         text = "line one\nline two\n\nline four after a blank\n"
-        done = run_chat("--base-url", base_url, stdin=text)
-        assert done.code == 0, done.err
-        assert sent(httpserver)["messages"][0]["content"] == text.strip()
+        assert chat("--base-url", server.url, stdin=text).code == 0
+        assert server.bodies[0]["messages"][0]["content"] == text.strip()
 
-    def test_question_then_blank_line_then_stdin(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        done = run_chat("--base-url", base_url, "Review", "this", stdin="--- a\n+++ b\n")
-        assert done.code == 0, done.err
-        assert sent(httpserver)["messages"][0]["content"] == "Review this\n\n--- a\n+++ b"
+    def test_question_then_blank_line_then_stdin(self, chat, server):
+        assert chat("--base-url", server.url, "Review", "this", stdin="  --- a\n+++ b\n").code == 0
+        assert server.bodies[0]["messages"][0]["content"] == "Review this\n\n  --- a\n+++ b"
 
     @pytest.mark.parametrize("args, stdin", [((), ""), (("   ",), ""), ((), " \n\t\n"), (("",), "")])
-    def test_no_question_is_a_usage_error(self, run_chat, httpserver, base_url, args, stdin):
-        done = run_chat("--base-url", base_url, *args, stdin=stdin)
-        assert done.code == 2
-        assert done.out == ""
+    def test_no_question_is_a_usage_error(self, chat, server, args, stdin):
+        done = chat("--base-url", server.url, *args, stdin=stdin)
+        assert (done.code, done.out) == (2, "")
         assert done.err.startswith("error: no question given") and "python chat.py" in done.err
-        assert httpserver.log == []
+        assert server.requests == []
 
-    def test_large_stdin_is_sent_intact(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion("ok"))
-        text = "".join(f"{n:07d} ünïcödé \"quotes\" \\ back\tslash\n" for n in range(120_000))
-        assert len(text.encode()) > 4_000_000
-        done = run_chat("--base-url", base_url, "Summarise", stdin=text)
-        assert done.code == 0, done.err
-        assert sent(httpserver)["messages"][0]["content"] == "Summarise\n\n" + text.strip()
+    def test_large_stdin_is_sent_intact_with_its_size_in_tokens(self, chat, server):
+        text = "".join(f"{n:07d} ünïcödé \"quotes\" \\ back\tslash\n" for n in range(40_000))
+        assert len(text) > 1_000_000
+        done = chat("--base-url", server.url, "Summarise", stdin=text)
+        assert (done.code, done.out) == (0, "Hello!\n")
+        assert server.bodies[0]["messages"][0]["content"] == "Summarise\n\n" + text.strip()
+        size = len("Summarise\n\n" + text.strip())
+        assert done.err == (f"warning: a large question: about {size // 4:,} tokens ({size:,} "
+                            "characters); a small model's context may not hold it\n")
 
-    def test_non_utf8_stdin_is_replaced_with_a_warning(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion("ok"))
-        done = run_chat("--base-url", base_url, "Translate", stdin="caf\xe9 cr\xe8me".encode("latin-1"))
-        assert done.code == 0
-        assert done.out == "ok\n"
+    def test_a_question_under_a_million_characters_gets_no_note(self, chat, server):
+        assert chat("--base-url", server.url, "q", stdin="x" * 999_000).err == ""
+
+    def test_non_utf8_stdin_is_replaced_with_a_warning(self, chat, server):
+        done = chat("--base-url", server.url, "Translate", stdin="caf\xe9 cr\xe8me".encode("latin-1"))
+        assert (done.code, done.out) == (0, "Hello!\n")
         assert done.err == ("warning: stdin is not UTF-8 (byte 0xe9 at offset 3); "
                             "undecodable bytes were replaced with U+FFFD\n")
-        assert sent(httpserver)["messages"][0]["content"] == "Translate\n\ncaf\ufffd cr\ufffdme"
+        assert server.bodies[0]["messages"][0]["content"] == "Translate\n\ncaf\ufffd cr\ufffdme"
+
+    def test_stdin_over_16_mib_is_refused_unsent(self, chat, server):
+        done = chat("--base-url", server.url, "q", stdin=b"x" * (16 * 2**20 + 1))
+        assert (done.code, done.out) == (2, "")
+        assert done.err == ("error: piped stdin holds more than 16 MiB: chat.py reads no further "
+                            "(send a part of it)\n")
+        assert server.requests == []
+
+    def test_stdin_of_exactly_16_mib_is_sent(self, chat, server):
+        assert chat("--base-url", server.url, stdin=b"y" * 16 * 2**20).code == 0
+        assert len(server.bodies[0]["messages"][0]["content"]) == 16 * 2**20
 
 
 class TestKey:
-    def test_key_is_sent_as_bearer(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url, "hi").code == 0
-        assert sent_headers(httpserver)["Authorization"] == f"Bearer {FAKE_KEY}"
+    def test_key_is_sent_as_bearer(self, chat, server):
+        assert chat("--base-url", server.url, "hi").code == 0
+        assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"
 
-    def test_key_from_dotenv_in_the_current_directory(self, run_chat, httpserver, base_url, tmp_path):
+    def test_key_and_model_from_dotenv_in_the_current_folder(self, chat, server, tmp_path):
         (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-test-from-dotenv-file\nOPENAI_MODEL=dot-model\n")
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url, "hi", key=None).code == 0
-        assert sent_headers(httpserver)["Authorization"] == "Bearer sk-test-from-dotenv-file"
-        assert sent(httpserver)["model"] == "dot-model"
+        assert chat("--base-url", server.url, "hi", key=None).code == 0
+        assert server.requests[0].headers["authorization"] == "Bearer sk-test-from-dotenv-file"
+        assert server.bodies[0]["model"] == "dot-model"
 
-    def test_environment_wins_over_dotenv(self, run_chat, httpserver, base_url, tmp_path):
-        (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-test-from-dotenv-file\n")
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url, "hi").code == 0
-        assert sent_headers(httpserver)["Authorization"] == f"Bearer {FAKE_KEY}"
+    def test_environment_wins_over_dotenv(self, chat, server, tmp_path):
+        (tmp_path / ".env").write_text("OPENAI_API_KEY=sk-test-from-dotenv-file\nOPENAI_MODEL=dot\n")
+        assert chat("--base-url", server.url, "hi", env={"OPENAI_MODEL": "env-model"}).code == 0
+        assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"
+        assert server.bodies[0]["model"] == "env-model"
 
-    def test_missing_key_for_openai_fails_before_any_traffic(self, run_chat, raw_server):
-        # Route anything chat.py might send through a local proxy that records it.
-        proxy, received = raw_server(lambda conn, request: None)
-        proxy = proxy.removesuffix("/v1")
-        done = run_chat("hi", key=None, env={"HTTPS_PROXY": proxy, "HTTP_PROXY": proxy})
-        assert done.code == 2
-        assert done.out == ""
-        assert "OPENAI_API_KEY" in done.err and ".env" in done.err
-        assert done.err.startswith("error: ") and done.err.count("\n") == 1
-        assert received == []
+    def test_missing_key_for_openai_fails_before_any_traffic(self, chat, make_server, monkeypatch):
+        proxy = make_server()  # anything chat.py sent would go through this "proxy"
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url.removesuffix("/v1"))
+        done = chat("hi", key=None)
+        assert (done.code, done.out) == (2, "")
+        assert done.err == ("error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                            "(see .env.example); a local server needs no key: pass its --base-url\n")
+        assert proxy.requests == []
 
-    def test_missing_key_for_a_local_server_sends_no_authorization(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion("local"))
-        done = run_chat("--base-url", base_url, "hi", key=None)
+    def test_missing_key_for_a_local_server_sends_no_authorization(self, chat, server):
+        server.reply(json_response(completion("local")))
+        done = chat("--base-url", server.url, "hi", key=None)
         assert (done.code, done.out) == (0, "local\n")
-        assert "Authorization" not in sent_headers(httpserver)
+        assert "authorization" not in server.requests[0].headers
 
-    def test_base_url_from_environment(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion("env url"))
-        done = run_chat("hi", key=None, env={"OPENAI_BASE_URL": base_url + "/"})
-        assert (done.code, done.out) == (0, "env url\n")
+    def test_base_url_from_environment(self, chat, server):
+        done = chat("hi", key=None, env={"OPENAI_BASE_URL": server.url + "/"})
+        assert (done.code, done.out) == (0, "Hello!\n")
+
+    @pytest.mark.parametrize("key", ["sk-test with space", "sk-test-\x01-control", "sk-test-ключ"])
+    def test_keys_that_cannot_be_a_header_are_refused(self, chat, server, key):
+        done = chat("--base-url", server.url, "hi", key=key)
+        assert (done.code, done.err) == (2, "error: OPENAI_API_KEY holds spaces, control or non-ASCII "
+                                            "characters; check its value\n")
+        assert server.requests == []
 
 
 class TestBody:
-    def test_defaults(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url, "q").code == 0
-        assert sent(httpserver) == {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}]}
+    def test_defaults(self, chat, server):
+        assert chat("--base-url", server.url, "q").code == 0
+        assert server.bodies[0] == {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}]}
 
-    def test_every_option(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        done = run_chat("--base-url", base_url, "-m", "my-model", "-s", "Be terse.",
-                        "--temperature", "0", "--max-tokens", "42", "q")
+    def test_every_option(self, chat, server):
+        done = chat("--base-url", server.url, "-m", "my-model", "-s", "Be terse.",
+                    "--temperature", "0", "--max-tokens", "42", "q")
         assert done.code == 0, done.err
-        assert sent(httpserver) == {
+        assert server.bodies[0] == {
             "model": "my-model",
             "messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "q"}],
             "temperature": 0.0,
             "max_tokens": 42,
         }
 
-    def test_model_from_environment(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url, "q", env={"OPENAI_MODEL": "env-model"}).code == 0
-        assert sent(httpserver)["model"] == "env-model"
-
-    def test_request_headers(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        assert run_chat("--base-url", base_url + "//", "q").code == 0
-        headers = sent_headers(httpserver)
-        assert headers["User-Agent"] == f"chat.py/{chat.__version__}"
-        assert headers["Content-Type"] == "application/json"
+    def test_request_line_and_headers(self, chat, server):
+        assert chat("--base-url", server.url + "//", "q").code == 0
+        request = server.requests[0]
+        assert (request.method, request.path) == ("POST", "/v1/chat/completions")
+        assert request.headers["user-agent"] == f"chat.py/{chat_module.__version__}"
+        assert request.headers["content-type"] == "application/json"
 
 
 class TestReply:
-    def test_refusal_is_shown_instead_of_null_content(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(
-            completion(None, refusal="I can't help with that."))
-        done = run_chat("--base-url", base_url, "q")
+    def test_refusal_is_shown_instead_of_null_content(self, chat, server):
+        server.reply(json_response(completion(None, refusal="I can't help with that.")))
+        done = chat("--base-url", server.url, "q")
         assert (done.code, done.out, done.err) == (0, "I can't help with that.\n", "")
 
-    @pytest.mark.parametrize("reason, words", [("length", "token limit"),
-                                               ("content_filter", "content filter")])
-    def test_cut_replies_warn_on_stderr(self, run_chat, httpserver, base_url, reason, words):
-        httpserver.expect_request(URL).respond_with_json(completion("partial", finish_reason=reason))
-        done = run_chat("--base-url", base_url, "q")
-        assert (done.code, done.out) == (0, "partial\n")
-        assert done.err.startswith("warning: ") and words in done.err and done.err.count("\n") == 1
+    @pytest.mark.parametrize("reason, warning", [
+        ("length", "the reply was cut off at the token limit (finish_reason: length)"),
+        ("content_filter", "the reply was cut off by the content filter (finish_reason: content_filter)")])
+    def test_cut_replies_warn_on_stderr(self, chat, server, reason, warning):
+        server.reply(json_response(completion("partial", finish_reason=reason)))
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (0, "partial\n", f"warning: {warning}\n")
 
-    def test_content_as_a_list_of_parts(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(
-            completion([{"type": "text", "text": "one "}, {"type": "text", "text": "two"}]))
-        done = run_chat("--base-url", base_url, "q")
-        assert (done.code, done.out) == (0, "one two\n")
-
-    def test_reply_bytes_are_utf8(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json(completion("naïve café ☕ 日本"))
-        done = run_chat("--base-url", base_url, "q", env={"PYTHONIOENCODING": "utf-8"})
-        assert done.raw_out == "naïve café ☕ 日本\n".encode()
-
-    @pytest.mark.parametrize("env", [{"PYTHONIOENCODING": "ascii"}, {"LANG": "C", "LC_ALL": "C"}])
-    def test_stdout_that_cannot_encode_does_not_crash(self, run_chat, httpserver, base_url, env):
-        httpserver.expect_request(URL).respond_with_json(completion("naïve ☕ ok"))
-        done = run_chat("--base-url", base_url, "q", env=env)
-        assert done.code == 0
-        assert done.err == ""
-        assert done.raw_out.endswith(b" ok\n") and done.raw_out.startswith(b"na")
-
-
-class TestApiErrors:
-    def test_openai_error_message_is_shown(self, run_chat, httpserver, base_url):
-        body = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                          "code": "invalid_api_key"}}
-        httpserver.expect_request(URL).respond_with_json(body, status=401)
-        done = run_chat("--base-url", base_url, "q")
-        assert done.code == 1
-        assert done.out == ""
-        assert done.err == "error: HTTP 401 UNAUTHORIZED: Incorrect API key provided.\n"
-
-    def test_html_error_page_is_reduced_to_one_clean_line(self, run_chat, httpserver, base_url):
-        page = ("<html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head>"
-                "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center>"
-                "</body></html>\n" * 20)
-        httpserver.expect_request(URL).respond_with_response(
-            Response(page, status=502, content_type="text/html"))
-        done = run_chat("--base-url", base_url, "--retries", "0", "q")
-        assert done.code == 1
-        assert done.err == "error: HTTP 502 BAD GATEWAY\n"
-
-    def test_plain_text_error_body_is_cut_short(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_data("model 'x' not found " * 50, status=400)
-        done = run_chat("--base-url", base_url, "q")
-        assert done.code == 1
-        assert done.err.startswith("error: HTTP 400 BAD REQUEST: model 'x' not found")
-        assert done.err.endswith("…\n") and len(done.err) == 300 + len("\n")
-
-    def test_404_hints_at_the_base_url(self, run_chat, httpserver, base_url):
-        httpserver.expect_request(URL).respond_with_json({"detail": "no route for this path"}, status=404)
-        done = run_chat("--base-url", base_url, "q")
-        assert done.code == 1
-        assert "no route for this path" in done.err and "--base-url" in done.err
-
-    @pytest.mark.parametrize(
-        "body, words",
-        [
-            (b"<html>oops</html>", "not JSON"),
-            (b'{"id": "x", "object": "chat.completion"}', "no choices"),
-            (b'{"choices": []}', "no choices"),
-            (b'{"choices": [{"message": {"role": "assistant"}}]}', "no text"),
-            (b'[1, 2]', "not a JSON object"),
-            (b'{"error": {"message": "backend exploded"}}', "backend exploded"),
-        ],
-    )
-    def test_malformed_200_is_an_api_error(self, run_chat, raw_server, body, words):
-        url, _ = raw_server(lambda conn, request: conn.sendall(json_response(200, body)))
-        done = run_chat("--base-url", url, "q")
-        assert done.code == 1
-        assert done.out == ""
-        assert done.err.startswith("error: ") and words in done.err and done.err.count("\n") == 1
-
-
-class TestUsage:
-    @pytest.mark.parametrize(
-        "args, words",
-        [
-            (("--bogus", "q"), "unrecognized arguments"),
-            (("--timeout", "0", "q"), "--timeout"),
-            (("--retries", "-1", "q"), "--retries"),
-            (("--max-tokens", "many", "q"), "--max-tokens"),
-            (("--detail", "huge", "q"), "--detail"),
-            (("--base-url", "ftp://example.com", "q"), "--base-url"),
-            (("--base-url", "localhost:8080/v1", "q"), "--base-url"),
-        ],
-    )
-    def test_bad_options_exit_2_with_one_line(self, run_chat, args, words):
-        done = run_chat(*args)
-        assert done.code == 2
-        assert done.out == ""
-        assert done.err.startswith("error: ") and words in done.err and done.err.count("\n") == 1
-
-    def test_developers_can_ask_for_the_traceback(self, run_chat):
-        done = run_chat("--base-url", "http://127.0.0.1:9/v1", "--retries", "0", "q",
-                        env={"CHAT_PY_TRACEBACK": "1"})
-        assert done.code == 1  # Python's own exit for an uncaught exception
-        assert "Traceback (most recent call last)" in done.err and "ConnectionError" in done.err
-
-    def test_version(self, run_chat):
-        done = run_chat("--version")
-        assert (done.code, done.out) == (0, f"chat.py {chat.__version__}\n")
-
-    def test_help_lists_every_option(self, run_chat):
-        done = run_chat("--help")
-        assert done.code == 0
-        for option in ("--image", "--detail", "--stream", "--model", "--system", "--temperature",
-                       "--max-tokens", "--base-url", "--timeout", "--retries", "--verbose", "--curl"):
-            assert option in done.out
-
-
-class TestSmallThings:
-    @pytest.mark.parametrize(
-        "args, message",
-        [
-            (("--max-tokens", "0"), "--max-tokens must be a whole number of at least 1, not '0'"),
-            (("--max-tokens", "1.5"), "--max-tokens must be a whole number of at least 1, not '1.5'"),
-            (("--retries", "-1"), "--retries must be a whole number of at least 0, not '-1'"),
-            (("--timeout", "0"), "--timeout must be a number of seconds above 0, not '0'"),
-            (("--timeout", "inf"), "--timeout must be a number of seconds above 0, not 'inf'"),
-            (("--temperature", "warm"), "--temperature must be a number, not 'warm'"),
-            (("--temperature", "nan"), "--temperature must be a number, not 'nan'"),
-        ],
-    )
-    def test_option_errors_say_what_is_wanted(self, run_chat, args, message):
-        done = run_chat(*args, "q")
-        assert (done.code, done.out, done.err) == (2, "", f"error: {message} (see --help)\n")
-
-    def test_an_unparsable_dotenv_line_is_a_warning_naming_it(self, run_chat, httpserver, base_url, tmp_path):
-        (tmp_path / ".env").write_text("OPENAI_MODEL=from-dotenv\nthis line is 'broken\nGOOD=1\n")
-        httpserver.expect_request(URL).respond_with_json(completion("ok"))
-        done = run_chat("--base-url", base_url, "q")
-        assert (done.code, done.out) == (0, "ok\n")
-        assert done.err == "warning: .env: could not parse statement starting at line 2 (skipped)\n"
-        assert sent(httpserver)["model"] == "from-dotenv"
-
-    def test_an_empty_model_option_is_a_usage_error(self, run_chat, httpserver, base_url):
-        done = run_chat("--base-url", base_url, "-m", "", "q")
-        assert (done.code, done.err) == (2, "error: -m/--model needs a model name\n")
-        assert httpserver.log == []
-
-    @pytest.mark.parametrize("where", ["environment", ".env"])
-    def test_an_empty_openai_model_counts_as_not_set(self, run_chat, httpserver, base_url, tmp_path, where):
-        httpserver.expect_request(URL).respond_with_json(completion())
-        env = {"OPENAI_MODEL": ""} if where == "environment" else {}
-        if where == ".env":
-            (tmp_path / ".env").write_text("OPENAI_MODEL=\n")
-        assert run_chat("--base-url", base_url, "q", env=env).code == 0
-        assert sent(httpserver)["model"] == "gpt-5.4-mini"
-
-    def test_no_key_for_openai_points_to_local_servers_too(self, run_chat):
-        done = run_chat("q", key=None)
-        assert done.code == 2 and "OPENAI_API_KEY" in done.err and "--base-url" in done.err
+    def test_content_as_a_list_of_parts(self, chat, server):
+        server.reply(json_response(completion([{"type": "text", "text": "one "},
+                                               {"type": "text", "text": "two"}])))
+        assert chat("--base-url", server.url, "q").out == "one two\n"
 
     @pytest.mark.parametrize("reply, out", [("ends with a newline\n", "ends with a newline\n"),
                                             ("two\n\n", "two\n\n"), ("", "\n"), ("plain", "plain\n")])
-    def test_stdout_is_the_reply_and_exactly_one_final_newline(self, run_chat, httpserver, base_url, reply,
-                                                                out):
-        httpserver.expect_request(URL).respond_with_json(completion(reply))
-        done = run_chat("--base-url", base_url, "q")
-        assert (done.code, done.out) == (0, out)
+    def test_stdout_is_the_reply_and_exactly_one_final_newline(self, chat, server, reply, out):
+        server.reply(json_response(completion(reply)))
+        assert chat("--base-url", server.url, "q").out == out
 
-    def test_the_404_hint_says_how_to_find_the_model_name(self, run_chat, httpserver, base_url):
-        body = {"error": {"message": "model 'gpt-5.4-mini' not found"}}
-        httpserver.expect_request(URL).respond_with_json(body, status=404)
-        done = run_chat("--base-url", base_url, "q")
+    def test_reply_bytes_are_utf8_and_a_stdout_that_cannot_encode_them_gets_question_marks(
+            self, chat, server):
+        server.reply(json_response(completion("naïve café ☕ 日本")))
+        done = chat.process("--base-url", server.url, "q", env={"PYTHONIOENCODING": "utf-8"})
+        assert done.raw_out == "naïve café ☕ 日本\n".encode()
+        done = chat.process("--base-url", server.url, "q", env={"PYTHONIOENCODING": "ascii"})
+        assert (done.code, done.raw_out, done.err) == (0, b"na?ve caf? ? ??\n", "")
+
+
+class TestApiErrors:
+    def test_openai_error_message_is_shown(self, chat, server):
+        body = {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                          "code": "invalid_api_key"}}
+        server.reply(json_response(body, 401))
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (1, "", "error: HTTP 401 Unauthorized: Incorrect API "
+                                                          "key provided.\n")
+
+    def test_html_error_page_is_reduced_to_one_clean_line(self, chat, server):
+        page = ("<html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head>"
+                "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center>"
+                "</body></html>\n" * 20)
+        server.reply(http_response(502, page.encode(), "text/html", reason="Bad Gateway"))
+        done = chat("--base-url", server.url, "--retries", "0", "q")
+        assert (done.code, done.err) == (1, "error: HTTP 502 Bad Gateway\n")
+
+    def test_plain_text_error_body_is_cut_to_one_line(self, chat, server):
+        server.reply(http_response(400, b"model 'x' not found " * 50, "text/plain"))
+        done = chat("--base-url", server.url, "q")
         assert done.code == 1
-        assert done.err == ("error: HTTP 404 NOT FOUND: model 'gpt-5.4-mini' not found (requests go to "
-                            "BASE_URL/chat/completions: check --base-url, and --model against what "
-                            "python chat.py --models lists)\n")
+        assert done.err.startswith("error: HTTP 400 Bad Request: model 'x' not found")
+        assert done.err.endswith("…\n") and len(done.err) == 300 + len("\n")
+
+    def test_a_404_shows_the_url_requested_and_how_to_find_the_model(self, chat, server):
+        server.reply(json_response({"error": {"message": "model 'gpt-5.4-mini' not found"}}, 404))
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.err) == (1, (
+            f"error: HTTP 404 Not Found: model 'gpt-5.4-mini' not found (POST {server.url}/chat/"
+            "completions: check --base-url, and --model against what python chat.py --models lists)\n"))
+
+    def test_a_404_from_a_base_url_without_a_path_suggests_v1(self, chat, server):
+        server.reply(json_response({"detail": "Not Found"}, 404))
+        root = server.url.removesuffix("/v1")
+        done = chat("--base-url", root, "q")
+        assert (done.code, done.err) == (1, (f"error: HTTP 404 Not Found (POST {root}/chat/completions: "
+                                             f"the base URL has no path; try --base-url {root}/v1)\n"))
+
+    @pytest.mark.parametrize("body, message", [
+        (b"<html>oops</html>", "the server's reply is not JSON: 'oops'"),
+        (b'{"id": "x", "object": "chat.completion"}', "unexpected reply from the server: no choices"),
+        (b'{"choices": []}', "unexpected reply from the server: no choices"),
+        (b'{"choices": [{"message": {"role": "assistant"}}]}',
+         "unexpected reply from the server: the message has no text"),
+        (b"[1, 2]", "unexpected reply from the server: not a JSON object"),
+        (b'{"error": {"message": "backend exploded"}}', "the server reported an error: backend exploded"),
+        (b"[" * 100_000, "the server's reply is not JSON: '[[[["),  # too deep for Python's parser
+    ])
+    def test_malformed_200_is_an_api_error(self, chat, server, body, message):
+        server.reply(json_response(body))
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (1, "")
+        assert done.err.startswith(f"error: {message}") and done.err.count("\n") == 1
+
+
+class TestOptions:
+    @pytest.mark.parametrize("args, message", [
+        (("--bogus",), "unrecognized arguments: --bogus (see --help)"),
+        (("--detail", "huge"), "argument --detail: invalid choice: 'huge' (choose from 'low', "
+                               "'high', 'original', 'auto') (see --help)"),
+        (("--max-tokens", "0"), "--max-tokens must be a whole number of at least 1, not '0' (see --help)"),
+        (("--max-tokens", "1.5"), "--max-tokens must be a whole number of at least 1, not '1.5' (see --help)"),
+        (("--retries", "-1"), "--retries must be a whole number of at least 0, not '-1' (see --help)"),
+        (("--timeout", "0"), "--timeout must be a number of seconds above 0, not '0' (see --help)"),
+        (("--timeout", "inf"), "--timeout must be a number of seconds above 0, not 'inf' (see --help)"),
+        (("--temperature", "warm"), "--temperature must be a number, not 'warm' (see --help)"),
+        (("--temperature", "nan"), "--temperature must be a number, not 'nan' (see --help)"),
+        (("--base-url", "ftp://example.com"), "--base-url must be an http:// or https:// URL, not "
+                                              "'ftp://example.com'"),
+        (("--base-url", "localhost:8080/v1"), "--base-url must be an http:// or https:// URL, not "
+                                              "'localhost:8080/v1'"),
+        (("-m", ""), "-m/--model needs a model name"),
+    ])
+    def test_bad_options_exit_2_with_one_line_saying_what_is_wanted(self, chat, args, message):
+        done = chat(*args, "q")
+        assert (done.code, done.out, done.err) == (2, "", f"error: {message}\n")
+
+    def test_version_and_help(self, chat):
+        assert chat("--version").out == f"chat.py {chat_module.__version__}\n"
+        done = chat("--help")
+        assert done.code == 0
+        for option in ("--image", "--detail", "--stream", "--model", "--system", "--temperature",
+                       "--max-tokens", "--base-url", "--timeout", "--retries", "--verbose", "--curl",
+                       "--schema", "--chats", "--forget", "-o KEY VALUE", "--reasoning-effort"):
+            assert option in done.out
+
+    def test_developers_can_ask_for_the_traceback_with_the_key_redacted(self, chat, server):
+        server.reply(json_response({"error": {"message": f"bad key {FAKE_KEY}"}}, 401))
+        done = chat("--base-url", server.url, "q", env={"CHAT_PY_TRACEBACK": "1"})
+        assert done.code == 1
+        assert "Traceback (most recent call last)" in done.err and "ApiError: HTTP 401" in done.err
+        assert "bad key [redacted]" in done.err and FAKE_KEY not in done.err
+
+    def test_a_bug_is_exit_70_with_a_line_saying_so(self, chat, server, monkeypatch):
+        monkeypatch.setattr(chat_module, "build_messages", lambda *args: 1 / 0)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.err) == (70, "error: unexpected ZeroDivisionError: division by zero "
+                                             "(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)\n")
+
+    def test_an_unparsable_dotenv_line_is_a_warning_naming_it(self, chat, server, tmp_path):
+        (tmp_path / ".env").write_text("OPENAI_MODEL=from-dotenv\nthis line is 'broken\nGOOD=1\n")
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "Hello!\n")
+        assert done.err == "warning: .env: could not parse statement starting at line 2 (skipped)\n"
+        assert server.bodies[0]["model"] == "from-dotenv"
+
+    @pytest.mark.parametrize("where", ["environment", ".env"])
+    def test_an_empty_openai_model_counts_as_not_set(self, chat, server, tmp_path, where):
+        if where == ".env":
+            (tmp_path / ".env").write_text("OPENAI_MODEL=\n")
+        env = {"OPENAI_MODEL": ""} if where == "environment" else {}
+        assert chat("--base-url", server.url, "q", env=env).code == 0
+        assert server.bodies[0]["model"] == "gpt-5.4-mini"
+
+
+def test_a_missing_dependency_is_exit_2_naming_the_package_and_both_fixes(chat, server):
+    # -I -S: no site-packages, so no requests (nor python-dotenv, nor Pillow)
+    done = chat.process("--base-url", server.url, "q", python=sys_python_without_site())
+    assert (done.code, done.out) == (2, "")
+    assert done.err.startswith("error: the requests package is missing: this Python (")
+    assert done.err.endswith("cannot import requests (pip install -r requirements.txt, or run chat.py "
+                             "with the python of the venv you installed into)\n")
+    assert server.requests == []
+
+
+def sys_python_without_site() -> str:
+    """A python command that cannot import site-packages: a wrapper script adding -I -S."""
+    import os
+    import stat
+    import sys
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), "python")
+    with open(path, "w") as file:
+        file.write(f'#!/bin/sh\nexec {sys.executable} -I -S "$@"\n')
+    os.chmod(path, stat.S_IRWXU)
+    return path
