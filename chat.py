@@ -182,11 +182,13 @@ class TimedOut(ChatError):
 
 
 class ApiError(ChatError):
-    """The server answered, but not with a usable reply; status is its HTTP error status."""
+    """The server answered, but not with a usable reply; status is its HTTP error status,
+    overflow says the request did not fit the model's context."""
 
-    def __init__(self, message: str, status: int = 0, **details):
+    def __init__(self, message: str, status: int = 0, overflow: bool = False, **details):
         super().__init__(message, **details)
         self.status = status
+        self.overflow = overflow
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -645,7 +647,7 @@ def parse_schema(spec: str, env: Env) -> dict:
             raise UsageError(f"cannot read the schema {spec[1:]}: {exc.strerror or exc}") from None
     else:
         text = spec
-    if not text.lstrip().startswith("{"):
+    if not text.lstrip().startswith(("{", "[")):
         return short_schema(text)
     try:
         schema = json.loads(text)
@@ -788,10 +790,12 @@ def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
 
 
 def bearer_auth(key: str):
-    """A requests auth callable. Unlike headers=, auth= is not replaced by a ~/.netrc entry."""
+    """A requests auth callable: the key as a Bearer token, or no Authorization at all. Unlike
+    headers=, auth= is not replaced by a ~/.netrc entry."""
 
     def add_authorization(request):
-        request.headers["Authorization"] = f"Bearer {key}"
+        if key:
+            request.headers["Authorization"] = f"Bearer {key}"
         return request
 
     return add_authorization
@@ -868,7 +872,7 @@ class Trace:
         self.started = time.perf_counter()
 
     def write(self, prefix: str, text: str) -> None:
-        for line in text.splitlines() or [""]:
+        for line in re.split(r"\r?\n", text):  # not splitlines(): a lone \r or \x85 is shown
             self.env.say(prefix + line)
 
     def exchange(self, response) -> None:
@@ -953,7 +957,8 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
                           "but PySocks is not installed", hint="(pip install 'requests[socks]')")
     if isinstance(exc, (requests.exceptions.SSLError, errors.SSLError)):
         return NetworkError(f"TLS failure talking to {host}: {cause}")
-    if isinstance(inner, http.client.HTTPException) and not isinstance(inner, ConnectionError):
+    if isinstance(inner, http.client.HTTPException) and not isinstance(
+            inner, (ConnectionError, http.client.IncompleteRead)):
         return ApiError(f"{host} did not answer in HTTP: {cause!r}")
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, errors.ProtocolError)):
         return NetworkError(f"the connection to {host} broke off mid-reply: {cause}", retryable=True)
@@ -1034,6 +1039,8 @@ def error_message(payload) -> str:
         return payload
     if isinstance(payload, list):
         return "; ".join(filter(None, (error_message(item) for item in payload[:5])))
+    if isinstance(payload, dict) and isinstance(payload.get("loc"), list):  # FastAPI's detail items
+        return f"{'.'.join(map(str, payload['loc']))}: {error_message(payload.get('msg'))}"
     if isinstance(payload, dict):
         for field in ("error", "message", "detail", "msg"):
             message = error_message(payload.get(field))
@@ -1100,7 +1107,9 @@ def api_error(response, body: bytes) -> ApiError:
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
         return ApiError(text, code, brief=f"HTTP {code}", hint=f"(the server asks to wait {wait:.0f} s: "
                                                        f"try again after {clock_after(wait)})")
-    return ApiError(text, code, brief=f"HTTP {code}", hint=hint, retryable=retryable, retry_after=wait)
+    overflow = bool(CONTEXT_OVERFLOW.search(body.decode("utf-8", "replace")))
+    return ApiError(text, code, overflow, brief=f"HTTP {code}", hint=hint, retryable=retryable,
+                    retry_after=wait)
 
 
 def backoff_delay(attempt: int, rand=None) -> float:
@@ -1137,7 +1146,8 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
             api_url(server.base_url, path),
             json=body,
             headers={"User-Agent": USER_AGENT},
-            auth=bearer_auth(server.key) if server.key else None,
+            # without a key, a user and password in the base URL go as Basic auth, as in curl
+            auth=None if not server.key and urlsplit(server.base_url).username else bearer_auth(server.key),
             timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
             stream=True,  # return at the headers; the body is read by the caller
             hooks={"response": refuse_other_origins},
@@ -1165,13 +1175,14 @@ def call(session, server: Server, path: str, body: dict | None, read, env: Env,
             response = send(session, server, path, body, trace)
             return read(response, is_event_stream(response, asked=bool(body and body.get("stream"))))
         except ChatError as error:
-            if fallback and isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error)):
+            rejection = isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error))
+            if fallback and rejection:
                 if trace:
                     trace.write("* ", "the server rejects this response_format; sending it as "
                                       '{"type": "json_object", "schema": ...}')
                 body, fallback, rejected = fallback, None, error
                 continue
-            if rejected and isinstance(error, ApiError) and error.status:
+            if rejected and rejection:
                 raise rejected from None  # its message explains what the schema asked for
             wait = retry_wait(error, attempt, server.retries)
             if wait is None:
@@ -1205,24 +1216,26 @@ def reasoning_text(message: dict) -> str:
 
 
 def add_tool_calls(calls: dict[int, dict], items) -> int:
-    """Merge a message's tool_calls, or a delta's pieces of them, into calls by index: the name
-    comes once, the arguments in pieces. Returns the characters added."""
+    """Merge a message's tool_calls, or a delta's pieces of them, into calls by index; without
+    one (Ollama, Gemini), a piece with a name or a new id starts a call. The name comes once,
+    the arguments in pieces (joined once, at the end). Returns the characters added."""
     added = 0
-    for position, item in enumerate(items if isinstance(items, list) else []):
+    for item in items if isinstance(items, list) else []:
         function = item.get("function") if isinstance(item, dict) else None
         if not isinstance(function, dict):
             continue
-        index = item.get("index", position)
-        call = calls.setdefault(index if isinstance(index, int) else position,
-                                {"name": "", "arguments": ""})
+        index, last = item.get("index"), max(calls, default=-1)
+        if not isinstance(index, int):
+            starts = last < 0 or function.get("name") or item.get("id") not in (None, calls[last]["id"])
+            index = last + 1 if starts else last
+        call = calls.setdefault(index, {"id": item.get("id"), "name": "", "pieces": []})
         name, arguments = function.get("name"), function.get("arguments")
         if isinstance(name, str) and not call["name"]:
             call["name"] = name
-        if isinstance(arguments, str):
-            call["arguments"] += arguments
-            added += len(arguments)
-        elif arguments is not None:  # a provider that sends them parsed
-            call["arguments"] = arguments
+        if arguments is not None:
+            piece = arguments if isinstance(arguments, str) else json.dumps(arguments)  # sent parsed
+            call["pieces"].append(piece)
+            added += len(piece)
     return added
 
 
@@ -1231,12 +1244,11 @@ def tool_call_lines(calls: dict[int, dict]) -> str:
     they are JSON."""
     lines = []
     for _, call in sorted(calls.items()):
-        arguments = call["arguments"]
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except (ValueError, RecursionError):
-                pass
+        arguments = "".join(call["pieces"])
+        try:
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            pass
         lines.append(json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n")
     return "".join(lines)
 
@@ -1598,14 +1610,14 @@ def check_folder(folder: str) -> None:
         return
     except OSError as exc:
         raise UsageError(f"cannot use the folder {folder}: {exc.strerror}") from None
-    fix = f"(chmod 700 {shlex.quote(folder)} fixes it)"
     if info.st_uid != os.getuid():
         raise UsageError(f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
                          "keeps conversations only in a folder of your own",
-                         hint=f"(chown it to you, then {fix[1:]}, or set CHAT_PY_HOME)")
+                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; or set "
+                              "CHAT_PY_HOME)")
     if info.st_mode & 0o022:
         raise UsageError(f"the folder {folder} is writable by others, who could plant files there",
-                         hint=fix)
+                         hint=f"(chmod 700 {shlex.quote(folder)} fixes it)")
 
 
 def make_folder(folder: str) -> None:
@@ -1759,7 +1771,8 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # never glue a turn onto a torn last line
-        os.write(fd, data)
+        while data:  # one write, unless the disk fills up: then the next one says why
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -1776,7 +1789,7 @@ def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = Fa
     try:
         append_line(conversation, {"retry": True, **turn} if retry else turn, env.secrets)
     except UsageError as exc:
-        env.warn(f"could not save the conversation: {exc}", f" {exc.hint}")
+        env.warn(f"could not save the conversation: {exc}", f" {exc.hint}" if exc.hint else "")
     except OSError as exc:
         env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
 
@@ -2091,11 +2104,11 @@ def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
 
 def explain(error: ChatError, settings: Settings, turns: list[dict]) -> None:
     """Add the advice a failed question needs: a full context, a long think."""
-    if isinstance(error, ApiError) and error.status and CONTEXT_OVERFLOW.search(str(error)):
-        held = (f"this conversation's {plural(len(turns), 'turn')} and the question" if turns
-                else "the question")
-        error.hint = (f"({held} fill the model's context: start a new conversation (no -c), "
-                      "or set a smaller --max-tokens)")
+    if isinstance(error, ApiError) and error.overflow:
+        error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
+                      "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
+                      if turns else "(the question alone fills the model's context: shorten it, or "
+                      "set a smaller --max-tokens)")
     elif isinstance(error, TimedOut) and settings.reasoning_effort:
         error.hint = "(a long think may need --stream or a larger --timeout)"
 
@@ -2296,18 +2309,17 @@ def run_command(command: str, argument: str, settings: Settings) -> str:
 
 
 def banner(chat: Chat) -> str:
-    """Two lines of at most 80 columns: what answers, and which conversation this is."""
+    """Lines of at most 80 columns: what answers, and which conversation this is."""
     settings, conversation = chat.settings, chat.conversation
-    first = f"chat.py {__version__} · {settings.model} at {chat.server.host}"
+    lines = [f"chat.py {__version__} · {settings.model} at {chat.server.host}"]
     if settings.model == DEFAULT_MODEL and not is_openai_host(chat.server.base_url):
-        first += " (chat.py's default name: --models lists the server's)"
-    turns = len(conversation.turns)
-    which = (f"conversation {conversation.name}, {plural(turns, 'turn')}" if turns
-             else f"new conversation {conversation.name}")
-    if not conversation.save:
-        which = "nothing is saved (--no-save)"
-    second = f"{which} · /help · Ctrl-D leaves"
-    return "\n".join(one_line(line, room=BANNER_CHARS) for line in (first, second))
+        lines.append("(the model name is chat.py's default: --models lists the server's)")
+    state = plural(len(conversation.turns), "turn") if conversation.turns else "new"
+    parts = [f"conversation {conversation.name}",
+             state + ("" if conversation.save else ", nothing is saved"), "/help · Ctrl-D leaves"]
+    together = " · ".join(parts)
+    lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
+    return "\n".join(line if len(line) <= BANNER_CHARS else line[:BANNER_CHARS - 1] + "…" for line in lines)
 
 
 def enable_line_editing(history: str | None) -> bool:
@@ -2361,9 +2373,9 @@ def read_message(env: Env) -> str:
         env.stderr.flush()
         return env.read_line("")
 
-    line = read_line("> ").strip()
-    if line != '"""':
-        return line
+    line = read_line("> ")
+    if line.strip() != '"""':
+        return line.strip("\n") if "\n" in line else line.strip()  # a paste keeps its indentation
     lines = []
     while (line := read_line("... ")).strip() != '"""':
         lines.append(line)
@@ -2392,7 +2404,7 @@ def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[
                     env.stderr.write("\n")  # the shell's prompt starts on a line of its own
                 return ExitStatus.OK
             command, argument = parse_command(line)
-            if line.lower() in ("exit", "quit") or command in ("/exit", "/quit"):
+            if line.strip().lower() in ("exit", "quit") or command in ("/exit", "/quit"):
                 return ExitStatus.OK
             retry = False
             if command == "/reset":
@@ -2411,11 +2423,11 @@ def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[
             elif command:
                 env.say(run_command(command, argument, chat.settings))
                 continue
-            elif not line:
+            elif not line.strip():
                 continue
             else:
                 text = line[1:] if line.startswith("//") else line
-                user_message = build_user_message(build_question([text], None, [] if attached else files),
+                user_message = build_user_message(build_question([], text, [] if attached else files),
                                                   [] if attached else image_urls, detail)
             last_question = user_message
             try:

@@ -1,181 +1,41 @@
-"""Retries, network faults, interrupts and a closed stdout: each ends with one line and its exit code."""
+"""Retries, network faults, timeouts, interrupts, a closed stdout and the key: each failure ends
+with one line and its exit code. chat.main() runs in this process (its retry waits are recorded
+in chat.waits, not slept); real processes only for signals, real pipes and exit codes end to end."""
 
 import contextlib
 import json
+import os
+import platform
 import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 from PIL import Image
 
-from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, child_env, chunk_event, chunked, completion,
-                      json_response, stream_events)
+import chat as chat_module
+from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk, chunk_of, completion, http_response,
+                      json_response, nap, sse_response, stream_events)
 
-OK = json_response(200, completion("recovered"))
-# call_main replaces time.sleep (chat.py's retry waits); server threads keep the real one.
-nap = time.sleep
-
-
-def in_turn(*answers):
-    """A raw_server handler that gives the n-th request the n-th answer (the last one repeats).
-    An answer is bytes to send, or a callable(conn) that does something ruder."""
-    count = []
-
-    def handler(conn, request):
-        answer = answers[min(len(count), len(answers) - 1)]
-        count.append(1)
-        if callable(answer):
-            answer(conn)
-        else:
-            conn.sendall(answer)
-
-    return handler
+OK = json_response(completion("recovered"))
 
 
-def reset(conn: socket.socket) -> None:
+def error(status: int, message: str = "try later", headers: str = "", reason: str | None = None,
+          **fields) -> bytes:
+    """An OpenAI-shaped error response."""
+    body = {"error": {"message": message, "type": "server_error", "code": None, **fields}}
+    return json_response(body, status, headers=headers, reason=reason)
+
+
+def reset(conn: socket.socket, request=None) -> None:
     """Close with a TCP RST instead of a FIN."""
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     conn.close()
-
-
-def error(status: int, message: str = "try later", headers: str = "", code=None, kind=None) -> bytes:
-    body = {"error": {"message": message, "type": kind or "server_error", "code": code}}
-    return json_response(status, body, headers=headers)
-
-
-class TestRetries:
-    def test_5xx_is_retried_with_backoff(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(503), error(502), OK))
-        done = call_main("--base-url", url, "q")
-        assert (done.code, done.out) == (0, "recovered\n")
-        assert len(received) == 3
-        assert 0.375 <= call_main.waits[0] <= 0.5 and 0.75 <= call_main.waits[1] <= 1.0
-        lines = done.err.splitlines()
-        assert len(lines) == 2
-        assert lines[0].startswith("warning: HTTP 503 Service Unavailable: try later; retrying in ")
-        assert lines[0].endswith("(attempt 2 of 3)") and lines[1].endswith("(attempt 3 of 3)")
-
-    @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 504, 529])
-    def test_retryable_statuses(self, call_main, raw_server, status):
-        url, received = raw_server(in_turn(error(status), OK))
-        assert call_main("--base-url", url, "q").code == 0
-        assert len(received) == 2
-
-    @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
-    def test_client_errors_are_not_retried(self, call_main, raw_server, status):
-        url, received = raw_server(in_turn(error(status, "no"), OK))
-        done = call_main("--base-url", url, "q")
-        assert done.code == 1 and len(received) == 1 and call_main.waits == []
-        assert done.err.startswith(f"error: HTTP {status} ")
-
-    @pytest.mark.parametrize("field", ["code", "kind"])
-    def test_insufficient_quota_is_not_retried(self, call_main, raw_server, field):
-        answer = error(429, "You exceeded your current quota.", **{field: "insufficient_quota"})
-        url, received = raw_server(in_turn(answer, OK))
-        done = call_main("--base-url", url, "q")
-        assert done.code == 1 and len(received) == 1
-        assert "out of quota" in done.err and done.err.count("\n") == 1
-
-    @pytest.mark.parametrize(
-        "headers, wait",
-        [("retry-after-ms: 1250\r\n", 1.25), ("Retry-After: 3\r\n", 3.0),
-         ("Retry-After: 0\r\n", 0.0), ("retry-after-ms: 700\r\nRetry-After: 9\r\n", 0.7)],
-    )
-    def test_server_chosen_wait(self, call_main, raw_server, headers, wait):
-        url, _ = raw_server(in_turn(error(429, headers=headers), OK))
-        assert call_main("--base-url", url, "q").code == 0
-        assert call_main.waits == [wait]
-
-    def test_retry_after_as_http_date(self, call_main, raw_server):
-        when = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 5))
-        url, _ = raw_server(in_turn(error(503, headers=f"Retry-After: {when}\r\n"), OK))
-        assert call_main("--base-url", url, "q").code == 0
-        assert 3.0 <= call_main.waits[0] <= 5.0
-
-    def test_too_long_a_wait_fails_and_says_when(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(429, "slow down", headers="Retry-After: 600\r\n"), OK))
-        done = call_main("--base-url", url, "q")
-        assert done.code == 1 and len(received) == 1 and call_main.waits == []
-        assert "slow down" in done.err and "600 s" in done.err and "try again after" in done.err
-
-    def test_an_absurd_wait_is_explained_too(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(503, headers="Retry-After: 99999999999999\r\n")))
-        done = call_main("--base-url", url, "q")
-        assert done.code == 1 and len(received) == 1
-        assert done.err.startswith("error: HTTP 503 Service Unavailable: try later (the server asks ")
-
-    def test_x_should_retry_false_wins(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(503, headers="x-should-retry: false\r\n"), OK))
-        assert call_main("--base-url", url, "q").code == 1
-        assert len(received) == 1
-
-    def test_x_should_retry_true_wins(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(400, headers="X-Should-Retry: true\r\n"), OK))
-        assert call_main("--base-url", url, "q").code == 0
-        assert len(received) == 2
-
-    def test_retries_give_up_with_the_last_error(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(500, "boom")))
-        done = call_main("--base-url", url, "--retries", "3", "q")
-        assert done.code == 1 and len(received) == 4 and len(call_main.waits) == 3
-        assert done.err.splitlines()[-1] == "error: HTTP 500 Internal Server Error: boom"
-
-    def test_retries_zero(self, call_main, raw_server):
-        url, received = raw_server(in_turn(error(503)))
-        assert call_main("--base-url", url, "--retries", "0", "q").code == 1
-        assert len(received) == 1 and call_main.waits == []
-
-    def test_connection_reset_before_a_reply_is_retried(self, call_main, raw_server):
-        url, received = raw_server(in_turn(reset, OK))
-        done = call_main("--base-url", url, "q")
-        assert (done.code, done.out) == (0, "recovered\n")
-        assert len(received) == 2 and done.err.startswith("warning: cannot reach ")
-
-    def test_timeout_is_retried(self, call_main, raw_server):
-        url, received = raw_server(in_turn(lambda conn: nap(2), OK))
-        done = call_main("--base-url", url, "--timeout", "0.3", "q")
-        assert (done.code, done.out) == (0, "recovered\n")
-        assert len(received) == 2 and "did not answer within 0.3 s" in done.err
-
-    def test_refused_connection_is_retried_then_exits_3(self, call_main):
-        port = free_port()
-        done = call_main("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "1", "q")
-        assert done.code == 3
-        assert done.err.splitlines() == [
-            f"warning: cannot reach 127.0.0.1:{port}: Connection refused; retrying in "
-            f"{call_main.waits[0]:.1f} s (attempt 2 of 2)",
-            f"error: cannot reach 127.0.0.1:{port}: Connection refused",
-        ]
-
-    def test_a_stream_that_breaks_before_any_text_is_retried(self, call_main, raw_server):
-        def role_then_reset(conn):
-            conn.sendall(SSE_HEAD + chunked(chunk_event(role="assistant", content="")))
-            nap(0.2)
-            reset(conn)
-
-        stream = SSE_HEAD + chunked(stream_events("second ", "try")) + END_CHUNKS
-        url, received = raw_server(in_turn(role_then_reset, stream))
-        done = call_main("--base-url", url, "--stream", "q")
-        assert (done.code, done.out) == (0, "second try\n")
-        assert len(received) == 2
-        assert done.err.startswith("warning: the connection to ") and "(attempt 2 of 3)" in done.err
-
-    def test_no_retry_once_the_stream_has_printed(self, call_main, raw_server):
-        def half_then_reset(conn):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("half ")))
-            nap(0.2)
-            reset(conn)
-
-        url, received = raw_server(in_turn(half_then_reset, OK))
-        done = call_main("--base-url", url, "--stream", "q")
-        assert done.code == 3
-        assert done.out == "half \n"
-        assert len(received) == 1 and call_main.waits == []
 
 
 def free_port() -> int:
@@ -184,316 +44,461 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class TestFaults:
-    """Each fault through the real CLI: exit code, one stderr line, stdout kept."""
+@contextlib.contextmanager
+def full_listener():
+    """A port whose accept queue is full: connecting to it hangs until the client gives up."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        filler = socket.create_connection(listener.getsockname())
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            filler.close()
 
-    def test_server_that_never_answers(self, run_chat, raw_server):
-        url, _ = raw_server(lambda conn, request: nap(5))
-        done = run_chat("--base-url", url, "--timeout", "0.5", "--retries", "0", "q")
-        assert (done.code, done.out) == (4, "")
-        assert done.err == f"error: {url[7:-3]} did not answer within 0.5 s (--timeout)\n"
 
-    def test_closed_port(self, run_chat):
-        done = run_chat("--base-url", f"http://127.0.0.1:{free_port()}/v1", "--retries", "0", "q")
+@pytest.fixture
+def released():
+    """An event set when the test ends: a reply that waits on it stalls as long as the test runs."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def host(server) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def cut(text: str, room: int) -> str:
+    """The contract's rule for a server's message in a line: cut with … to fit."""
+    return text if len(text) <= room else text[: room - 1] + "…"
+
+
+class TestRetries:
+    def test_5xx_is_retried_with_backoff_and_one_short_warning_per_retry(self, chat, server):
+        server.reply(error(503, "the upstream model is still loading"), error(502), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "recovered\n")
+        assert len(server.requests) == 3 and server.bodies[0] == server.bodies[2]
+        first, second = chat.waits
+        assert 0.375 <= first <= 0.5 and 0.75 <= second <= 1.0
+        assert done.err == (f"warning: HTTP 503; retrying in {first:.1f} s (2 of 3)\n"
+                            f"warning: HTTP 502; retrying in {second:.1f} s (3 of 3)\n")
+
+    @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 504, 529])
+    def test_retryable_statuses(self, chat, server, status):
+        server.reply(error(status), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "recovered\n")
+        assert len(server.requests) == 2
+        assert done.err == f"warning: HTTP {status}; retrying in {chat.waits[0]:.1f} s (2 of 3)\n"
+
+    @pytest.mark.parametrize("status, reason", [(400, "Bad Request"), (401, "Unauthorized"),
+                                                (403, "Forbidden"), (422, "Unprocessable Entity")])
+    def test_client_errors_are_not_retried(self, chat, server, status, reason):
+        server.reply(error(status, "no", reason=reason), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (1, "", f"error: HTTP {status} {reason}: no\n")
+        assert len(server.requests) == 1 and chat.waits == []
+
+    @pytest.mark.parametrize("field", ["code", "type"])
+    def test_insufficient_quota_is_not_retried(self, chat, server, field):
+        server.reply(error(429, "You exceeded your current quota.", **{field: "insufficient_quota"}), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.err) == (1, "error: HTTP 429 Too Many Requests: You exceeded your current "
+                                            "quota. (the account is out of quota: add credit, retrying "
+                                            "will not help)\n")
+        assert len(server.requests) == 1 and chat.waits == []
+
+    @pytest.mark.parametrize("headers, wait", [
+        ("retry-after-ms: 1250\r\n", 1.25),
+        ("Retry-After: 3\r\n", 3.0),
+        ("Retry-After: 0\r\n", 0.0),
+        ("retry-after-ms: 700\r\nRetry-After: 9\r\n", 0.7),
+        ("Retry-After: 120\r\n", 120.0),
+    ])
+    def test_the_server_chooses_the_wait(self, chat, server, headers, wait):
+        server.reply(error(429, headers=headers), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "recovered\n")
+        assert chat.waits == [wait]
+        assert done.err == f"warning: HTTP 429; retrying in {wait:.1f} s (2 of 3)\n"
+
+    @pytest.mark.parametrize("seconds, clock", [
+        ("600", r"\d\d:\d\d:\d\d"),
+        ("99999999999999", r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"),  # the date too, and no overflow
+    ])
+    def test_a_longer_wait_is_no_retry_but_says_when_to_try_again(self, chat, server, seconds, clock):
+        server.reply(error(429, "slow down", headers=f"Retry-After: {seconds}\r\n"), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (1, "")
+        assert re.fullmatch(rf"error: HTTP 429 Too Many Requests: slow down \(the server asks to wait "
+                            rf"{seconds} s: try again after {clock}\)\n", done.err), done.err
+        assert len(server.requests) == 1 and chat.waits == []
+
+    @pytest.mark.parametrize("status, header, code, out, err", [
+        (503, "false", 1, "", "error: HTTP 503 Service Unavailable: try later\n"),
+        (400, "true", 0, "recovered\n", "warning: HTTP 400; retrying in {wait:.1f} s (2 of 3)\n"),
+    ])
+    def test_x_should_retry_wins_over_the_status(self, chat, server, status, header, code, out, err):
+        server.reply(error(status, headers=f"X-Should-Retry: {header}\r\n"), OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (code, out, err.format(wait=(chat.waits or [0])[0]))
+        assert len(server.requests) == 2 - code
+
+    def test_giving_up_shows_the_servers_message_only_in_the_error(self, chat, server):
+        message = ("The server had an error while processing your request. Sorry about that! You can "
+                   "retry your request, or contact us through our help center if the error persists")
+        assert len(message) == 160
+        server.reply(error(500, message))
+        done = chat("--base-url", server.url, "--retries", "3", "q")
+        assert (done.code, done.out) == (1, "")
+        assert len(server.requests) == 4 and len(chat.waits) == 3
+        assert done.err.splitlines() == [
+            *(f"warning: HTTP 500; retrying in {wait:.1f} s ({n} of 4)"
+              for n, wait in enumerate(chat.waits, 2)),
+            f"error: HTTP 500 Internal Server Error: {message}",
+        ]
+
+    def test_retries_0_sends_once(self, chat, server):
+        server.reply(error(503), OK)
+        done = chat("--base-url", server.url, "--retries", "0", "q")
+        assert (done.code, done.err) == (1, "error: HTTP 503 Service Unavailable: try later\n")
+        assert len(server.requests) == 1 and chat.waits == []
+
+    def test_a_connection_reset_before_the_reply_is_retried(self, chat, server):
+        server.reply(reset, OK)
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "recovered\n")
+        assert len(server.requests) == 2
+        assert done.err == (f"warning: cannot reach {host(server)}: Connection reset by peer; retrying in "
+                            f"{chat.waits[0]:.1f} s (2 of 3)\n")
+
+    def test_a_refused_connection_is_retried_then_exits_3(self, chat):
+        port = free_port()
+        done = chat("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "1", "q")
         assert (done.code, done.out) == (3, "")
-        assert done.err.startswith("error: cannot reach 127.0.0.1:") and "refused" in done.err
+        assert done.err.splitlines() == [
+            f"warning: cannot reach 127.0.0.1:{port}: Connection refused; retrying in "
+            f"{chat.waits[0]:.1f} s (2 of 2)",
+            f"error: cannot reach 127.0.0.1:{port}: Connection refused",
+        ]
 
-    def test_name_that_does_not_resolve(self, run_chat):
-        done = run_chat("--base-url", "https://no-such-host.invalid/v1", "--retries", "0", "q")
+    def test_a_name_that_does_not_resolve_is_retried_then_exits_3(self, chat, monkeypatch):
+        # The resolver answers from here: no DNS query leaves the machine.
+        real = socket.getaddrinfo
+
+        def getaddrinfo(name, *args, **kwargs):
+            if str(name).endswith(".invalid"):
+                raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            return real(name, *args, **kwargs)
+
+        monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+        done = chat("--base-url", "https://no-such-host.invalid/v1", "--retries", "1", "q")
         assert (done.code, done.out) == (3, "")
-        assert done.err.startswith("error: cannot resolve host no-such-host.invalid")
-        assert done.err.count("\n") == 1
+        assert done.err.splitlines() == [
+            "warning: cannot resolve host no-such-host.invalid: Name or service not known; retrying in "
+            f"{chat.waits[0]:.1f} s (2 of 2)",
+            "error: cannot resolve host no-such-host.invalid: Name or service not known",
+        ]
 
-    def test_reset_mid_stream_keeps_the_text(self, run_chat, raw_server):
-        def handler(conn, request):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("kept ") + chunk_event("text")))
-            nap(0.2)
+    def test_a_stream_that_breaks_before_any_text_is_retried(self, chat, server):
+        def role_then_reset(conn, request):
+            conn.sendall(SSE_HEAD + chunk_of(chunk("", role="assistant")))
+            nap(0.1)
             reset(conn)
 
-        url, received = raw_server(handler)
-        done = run_chat("--base-url", url, "--stream", "q")
-        assert (done.code, done.out) == (3, "kept text\n")
-        host = url[7:-3]
-        assert done.err == f"error: the connection to {host} broke off mid-reply: Connection reset by peer\n"
-        assert done.err.count("\n") == 1 and len(received) == 1
+        server.reply(role_then_reset, sse_response(stream_events("second ", "try")))
+        done = chat("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out) == (0, "second try\n")
+        assert len(server.requests) == 2
+        assert done.err == (f"warning: the connection to {host(server)} broke off mid-reply: Connection "
+                            f"reset by peer; retrying in {chat.waits[0]:.1f} s (2 of 3)\n")
 
-    def test_chunked_body_cut_short(self, run_chat, raw_server):
-        def handler(conn, request):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("so far")) + b"40\r\ndata: {\"cho")
+    def test_no_retry_once_the_stream_has_printed_and_the_text_stays(self, chat, server):
+        def text_then_reset(conn, request):
+            conn.sendall(SSE_HEAD + chunk_of(chunk("kept ") + chunk("text")))
+            nap(0.1)
+            reset(conn)
+
+        server.reply(text_then_reset, OK)
+        done = chat("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out) == (3, "kept text\n")
+        assert done.err == (f"error: the connection to {host(server)} broke off mid-reply: "
+                            "Connection reset by peer\n")
+        assert len(server.requests) == 1 and chat.waits == []
+
+
+class TestTimeouts:
+    """A read timeout is not retried: the server has the request, and sending it again doubles
+    its work. Connecting that times out is retried: nothing reached the server."""
+
+    STALLED_BODY = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+                    b'{"choices": [')
+
+    @pytest.mark.parametrize("first, args, out, message", [
+        ("no answer", [], "", "did not answer within 0.3 s (--timeout)"),
+        ("headers, then the body stalls", [], "", "did not answer within 0.3 s (--timeout)"),
+        ("a stream stalls before any text", ["--stream"], "", "did not answer within 0.3 s (--timeout)"),
+        ("a stream stalls after text", ["--stream"], "before the stall\n",
+         "did not answer within 0.3 s (--timeout)"),
+        ("a stream of keep-alives only", ["--stream"], "",
+         "sent no data for 0.3 s, only keep-alives (--timeout)"),
+        ("no answer", ["--reasoning-effort", "high"], "",
+         "did not answer within 0.3 s (--timeout) (a long think may need --stream or a larger --timeout)"),
+    ], ids=["no answer", "body stalls", "stream stalls before text", "stream stalls after text",
+            "keep-alives only", "no answer while reasoning"])
+    def test_a_read_timeout_is_not_retried(self, chat, server, released, first, args, out, message):
+        def stall(head: bytes):
+            def answer(conn, request):
+                conn.sendall(head)
+                released.wait(10)
+            return answer
+
+        def keep_alives(conn, request):
+            conn.sendall(SSE_HEAD)
+            while not released.wait(0.05):
+                conn.sendall(chunk_of(b": ping\n\n"))
+
+        firsts = {"no answer": stall(b""), "headers, then the body stalls": stall(self.STALLED_BODY),
+                  "a stream stalls before any text": stall(SSE_HEAD + chunk_of(chunk("", role="assistant"))),
+                  "a stream stalls after text": stall(SSE_HEAD + chunk_of(chunk("before the stall"))),
+                  "a stream of keep-alives only": keep_alives}
+        server.reply(firsts[first], OK)  # a retry would have succeeded
+        done = chat("--base-url", server.url, "--timeout", "0.3", "--retries", "2", *args, "q")
+        assert (done.code, done.out, done.err) == (4, out, f"error: {host(server)} {message}\n")
+        assert len(server.requests) == 1 and chat.waits == []
+
+    def test_a_connect_timeout_is_retried(self, chat, monkeypatch):
+        monkeypatch.setattr(chat_module, "CONNECT_TIMEOUT", 0.15)
+        with full_listener() as port:
+            started = time.monotonic()
+            done = chat("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "1", "q")
+        assert time.monotonic() - started < 3
+        assert (done.code, done.out) == (4, "")
+        assert done.err.splitlines() == [
+            f"warning: could not connect to 127.0.0.1:{port} within 0.15 s; retrying in "
+            f"{chat.waits[0]:.1f} s (2 of 2)",
+            f"error: could not connect to 127.0.0.1:{port} within 0.15 s",
+        ]
+
+    def test_a_smaller_timeout_shortens_connecting_too(self, chat):
+        with full_listener() as port:
+            done = chat("--base-url", f"http://127.0.0.1:{port}/v1", "--timeout", "0.25", "--retries", "0",
+                        "q")
+        assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.25 s\n")
+
+    def test_a_slow_answer_is_not_cut_short_by_the_connect_wait(self, chat, server, monkeypatch):
+        monkeypatch.setattr(chat_module, "CONNECT_TIMEOUT", 0.1)
+        server.reply(lambda conn, request: (nap(0.4), conn.sendall(OK)))
+        done = chat("--base-url", server.url, "--retries", "0", "q")
+        assert (done.code, done.out, done.err) == (0, "recovered\n", "")
+
+    def test_reads_wait_ten_minutes_and_connecting_fifteen_seconds_by_default(self):
+        assert chat_module.build_parser().parse_args(["q"]).timeout == 600
+        assert chat_module.CONNECT_TIMEOUT == 15
+
+
+class TestBrokenServers:
+    @pytest.mark.parametrize("args, sent, out", [
+        (["--stream"], SSE_HEAD + chunk_of(chunk("so far")) + b'40\r\ndata: {"cho', "so far\n"),
+        ([], b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+             b'{"choices": [', ""),
+    ], ids=["chunked stream", "content-length"])
+    def test_a_body_cut_short_is_a_broken_connection(self, chat, server, args, sent, out):
+        def cut_short(conn, request):
+            conn.sendall(sent)
             conn.shutdown(socket.SHUT_WR)
 
-        url, _ = raw_server(handler)
-        done = run_chat("--base-url", url, "--stream", "q")
-        assert (done.code, done.out) == (3, "so far\n")
-        assert "broke off mid-reply" in done.err and done.err.count("\n") == 1
+        server.reply(cut_short)
+        done = chat("--base-url", server.url, "--retries", "0", *args, "q")
+        assert (done.code, done.out) == (3, out)
+        assert re.fullmatch(rf"error: the connection to {host(server)} broke off mid-reply: .+\n", done.err)
 
-    def test_stall_mid_stream_is_a_timeout(self, run_chat, raw_server):
-        def handler(conn, request):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("before the stall")))
-            nap(3)
-
-        url, _ = raw_server(handler)
-        done = run_chat("--base-url", url, "--stream", "--timeout", "0.5", "q")
-        assert (done.code, done.out) == (4, "before the stall\n")
-        assert done.err == f"error: {url[7:-3]} did not answer within 0.5 s (--timeout)\n"
-
-    def test_non_streamed_body_stalls(self, run_chat, raw_server):
-        def handler(conn, request):
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 500\r\n\r\n{\"choices\": [")
-            nap(3)
-
-        url, _ = raw_server(handler)
-        done = run_chat("--base-url", url, "--timeout", "0.5", "--retries", "0", "q")
-        assert (done.code, done.out) == (4, "")
-        assert "did not answer within 0.5 s" in done.err
-
-    def test_html_error_from_a_proxy(self, run_chat, raw_server):
+    def test_a_proxys_html_error_page_without_a_reason_phrase(self, chat, server):
         page = (b"<!DOCTYPE html><html><head><title>Error 524: A timeout occurred</title>"
                 b"<script>var x = '<b>';</script></head><body>" + b"<div>cloud</div>" * 500
                 + b"</body></html>")
-        answer = (b"HTTP/1.1 524 \r\nContent-Type: text/html\r\nConnection: close\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(page) + page)
-        url, received = raw_server(in_turn(answer))
-        done = run_chat("--base-url", url, "--retries", "0", "q")
+        server.reply(http_response(524, page, "text/html", reason=""))
+        done = chat("--base-url", server.url, "--retries", "0", "q")
+        assert (done.code, done.out, done.err) == (1, "", "error: HTTP 524: Error 524: A timeout occurred\n")
+
+    def test_a_server_that_does_not_speak_http_is_not_retried(self, chat, server):
+        server.reply(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+        done = chat("--base-url", server.url, "q")
         assert (done.code, done.out) == (1, "")
-        assert done.err == "error: HTTP 524 : Error 524: A timeout occurred\n"
-
-    def test_invalid_http_from_the_server(self, run_chat, raw_server):
-        url, received = raw_server(in_turn(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"))
-        done = run_chat("--base-url", url, "q")
-        assert (done.code, done.out) == (1, "")
-        assert done.err == f"error: {url[7:-3]} did not answer in HTTP: 'SSH-2.0-OpenSSH_9.6\\r\\n'\n"
-        assert len(received) == 1  # not retried: it would answer the same again
+        assert done.err == f"error: {host(server)} did not answer in HTTP: 'SSH-2.0-OpenSSH_9.6\\r\\n'\n"
+        assert len(server.requests) == 1  # it would answer the same again
 
 
-def wait_for_request(received, seconds=10):
-    deadline = time.monotonic() + seconds
-    while not received and time.monotonic() < deadline:
-        nap(0.02)
-    assert received, "the request never arrived"
+class TestContextOverflow:
+    """A question the model's context cannot hold: the way out is a new conversation or fewer
+    tokens to generate, not a retry."""
+
+    HINTS = {
+        3: "(this conversation's 3 turns and the question fill the model's context: start a new "
+           "conversation (no -c), or set a smaller --max-tokens)",
+        0: "(the question alone fills the model's context: shorten it, or set a smaller --max-tokens)",
+    }
+    OVERFLOWS = {
+        "OpenAI": {"message": "This model's maximum context length is 8192 tokens. However, your messages "
+                              "resulted in 9000 tokens. Please reduce the length of the messages.",
+                   "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"},
+        "OpenAI, the code alone": {
+            "message": "Input tokens exceed the configured limit of 272000 tokens. Your messages resulted "
+                       "in 280000 tokens. Please reduce the length of the messages.",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"},
+        "llama-server": {"code": 400, "message": "the request exceeds the available context size, try "
+                                                 "increasing it",
+                         "type": "exceed_context_size_error", "n_prompt_tokens": 4500, "n_ctx": 4096},
+        "llama-cpp-python": {
+            "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 "
+                       "tokens (2000 in the messages, 100 in the completion). Please reduce the length of "
+                       "the messages or completion.",
+            "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"},
+        "llama-cpp-python, raw": {"message": "Requested tokens (2100) exceed context window of 2048",
+                                  "type": "internal_server_error"},
+    }
+
+    def expected(self, provider: str, turns: int) -> str:
+        hint = self.HINTS[turns]
+        text = f"HTTP 400 Bad Request: {self.OVERFLOWS[provider]['message']}"
+        return f"error: {cut(text, 300 - len('error: ') - len(' ' + hint))} {hint}\n"
+
+    def save_turns(self, count: int) -> None:
+        if not count:
+            return
+        folder = os.environ["CHAT_PY_HOME"]
+        os.makedirs(folder, mode=0o700)
+        turns = [{"time": "2026-01-0%dT10:00:00Z" % n, "model": "test-model",
+                  "user": {"role": "user", "content": f"question {n}"}, "assistant": f"answer {n}"}
+                 for n in range(1, count + 1)]
+        path = os.path.join(folder, "long-talk.jsonl")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+            file.write("".join(json.dumps(turn) + "\n" for turn in turns))
+
+    @pytest.mark.parametrize("turns", [3, 0])
+    @pytest.mark.parametrize("provider", OVERFLOWS)
+    def test_an_overflow_names_the_turns_and_the_way_out(self, chat, server, provider, turns):
+        self.save_turns(turns)
+        server.reply(json_response({"error": self.OVERFLOWS[provider]}, 400))
+        done = chat("--base-url", server.url, *(["-c"] if turns else []), "and one more")
+        assert (done.code, done.out, done.err) == (1, "", self.expected(provider, turns))
+        assert len(server.requests) == 1 and len(server.bodies[0]["messages"]) == 2 * turns + 1
+
+    def test_a_bad_request_about_something_else_gets_no_hint(self, chat, server):
+        server.reply(json_response({"error": {"message": "Unsupported value: 'temperature' does not "
+                                                         "support 0.2 with this model."}}, 400))
+        done = chat("--base-url", server.url, "q")
+        assert (done.code, done.err) == (1, "error: HTTP 400 Bad Request: Unsupported value: 'temperature' "
+                                            "does not support 0.2 with this model.\n")
 
 
-def start_chat(url, *args, stdin=subprocess.DEVNULL, tmp_path=None):
-    return subprocess.Popen(
-        [sys.executable, str(CHAT), "--base-url", url, *args], stdin=stdin,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
-        env=child_env(),
-    )
+def echo_key(conn, request):
+    """A 401 whose message quotes the Authorization header it got."""
+    conn.sendall(error(401, f"Incorrect API key provided: {request.headers['authorization']}",
+                       reason="Unauthorized"))
 
 
-class TestInterrupts:
-    def test_ctrl_c_while_waiting_for_the_server(self, raw_server, tmp_path):
-        url, received = raw_server(lambda conn, request: nap(10))
-        process = start_chat(url, "q", tmp_path=tmp_path)
-        wait_for_request(received)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
-        assert (process.returncode, out, err) == (130, b"", b"\n")
-
-    def test_ctrl_c_mid_stream_keeps_the_text(self, raw_server, tmp_path):
-        def handler(conn, request):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("partial")))
-            nap(10)
-
-        url, _ = raw_server(handler)
-        process = start_chat(url, "--stream", "q", tmp_path=tmp_path)
-        assert process.stdout.read(len("partial")) == b"partial"
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
-        assert (process.returncode, out, err) == (130, b"", b"\n")
-
-    def test_ctrl_c_before_the_request(self, raw_server, tmp_path):
-        url, received = raw_server(lambda conn, request: None)
-        process = start_chat(url, "q", stdin=subprocess.PIPE, tmp_path=tmp_path)
-        nap(0.5)  # it is now reading the piped stdin, which never ends
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=10)
-        assert (process.returncode, out, err) == (130, b"", b"\n")
-        assert received == []
-
-    def test_stdout_closed_early_is_quiet(self, raw_server, tmp_path):
-        deltas = [chunk_event(f"word{n} ") for n in range(2000)]
-
-        def handler(conn, request):
-            conn.sendall(SSE_HEAD)
-            for delta in deltas:
-                conn.sendall(chunked(delta))
-                nap(0.001)
-            conn.sendall(END_CHUNKS)
-
-        url, _ = raw_server(handler)
-        done = subprocess.run(
-            f"{sys.executable} {CHAT} --base-url {url} --stream q | head -c 20; "
-            "echo \" status=${PIPESTATUS[0]}\"",
-            shell=True, executable="/bin/bash", capture_output=True, cwd=tmp_path, timeout=30,
-            env=child_env(),
-        )
-        assert done.stdout == b"word0 word1 word2 wo status=0\n"
-        assert done.stderr == b""
-
-    def test_stdout_closed_before_a_plain_reply(self, raw_server, tmp_path):
-        url, _ = raw_server(in_turn(json_response(200, completion("x" * 200_000))))
-        done = subprocess.run(
-            f"{sys.executable} {CHAT} --base-url {url} q | head -c 5; echo \" status=${{PIPESTATUS[0]}}\"",
-            shell=True, executable="/bin/bash", capture_output=True, cwd=tmp_path, timeout=30,
-            env=child_env(),
-        )
-        assert done.stdout == b"xxxxx status=0\n"
-        assert done.stderr == b""
+def echo_key_mid_stream(conn, request):
+    """A stream whose error event quotes the Authorization header it got."""
+    event = b'data: {"error": {"message": "bad ' + request.headers["authorization"].encode() + b'"}}\n\n'
+    conn.sendall(SSE_HEAD + chunk_of(chunk("hi ")) + chunk_of(event) + END_CHUNKS)
 
 
 class TestKeySafety:
     KEY = "sk-test-DISTINCTIVE-fake-key-7731"
 
-    def fault_servers(self, raw_server):
-        """(name, base URL, extra args) for a spread of failures; some echo the key back."""
+    CASES = {  # reply, arguments, exit code, stdout, the last stderr line
+        "echoed in an error": (echo_key, [], 1, "", "error: HTTP 401 Unauthorized: Incorrect API key "
+                                                    "provided: Bearer [redacted]"),
+        "echoed mid-stream": (echo_key_mid_stream, ["--stream"], 1, "hi \n",
+                              "error: the server reported an error mid-stream: bad Bearer [redacted]"),
+        "in a retried 503": (error(503, f"upstream said {KEY}"), [], 1, "",
+                             "error: HTTP 503 Service Unavailable: upstream said [redacted]"),
+        "in an HTML page": (json_response(f"<h1>{KEY}</h1>".encode(), 500), [], 1, "",
+                            "error: HTTP 500 Internal Server Error: [redacted]"),
+        "a reset": (reset, [], 3, "", "error: cannot reach {host}: Connection reset by peer"),
+        "refused": (None, [], 3, "", "error: cannot reach {host}: Connection refused"),
+    }
 
-        def echo_key(conn, request):
-            key = request["headers"].get("authorization", "")
-            conn.sendall(error(401, f"Incorrect API key provided: {key}"))
+    @pytest.mark.parametrize("verbose", [[], ["-v"]], ids=["plain", "verbose"])
+    @pytest.mark.parametrize("case", CASES)
+    def test_the_key_never_appears_in_any_output(self, chat, server, case, verbose):
+        reply, args, code, out, last = self.CASES[case]
+        url = server.url
+        if reply is None:
+            url = f"http://127.0.0.1:{free_port()}/v1"
+        else:
+            server.reply(reply)
+        done = chat("--base-url", url, "--retries", "1", *verbose, *args, "q", key=self.KEY)
+        assert self.KEY not in done.out + done.err and "DISTINCTIVE" not in done.err
+        assert (done.code, done.out) == (code, out)
+        assert done.err.splitlines()[-1] == last.format(host=url[len("http://"):-len("/v1")])
 
-        def echo_key_in_stream(conn, request):
-            key = request["headers"].get("authorization", "")
-            conn.sendall(SSE_HEAD + chunked(chunk_event("hi ")) + chunked(
-                b'data: {"error": {"message": "bad ' + key.encode() + b'"}}\n\n') + END_CHUNKS)
+    @pytest.mark.parametrize("key, authorization", [
+        (FAKE_KEY, f"Bearer {FAKE_KEY}"),
+        (None, None),
+    ], ids=["the key wins", "no key: nothing"])
+    def test_a_netrc_entry_is_never_sent(self, chat, server, key, authorization):
+        netrc = os.path.join(os.environ["HOME"], ".netrc")
+        with open(os.open(netrc, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+            file.write("machine 127.0.0.1 login netrc-user password netrc-pass\n")
+        done = chat("--base-url", server.url, "q", key=key)
+        assert (done.code, done.out, done.err) == (0, "Hello!\n", "")
+        assert server.requests[0].headers.get("authorization") == authorization
 
-        def stall(conn, request):
-            conn.sendall(SSE_HEAD + chunked(chunk_event("x")))
-            nap(2)
-
-        return [
-            ("echo in error", raw_server(echo_key)[0], []),
-            ("echo mid-stream", raw_server(echo_key_in_stream)[0], ["--stream"]),
-            ("retried 503", raw_server(in_turn(error(503, f"upstream {self.KEY}")))[0], []),
-            ("reset", raw_server(lambda conn, request: reset(conn))[0], []),
-            ("stall", raw_server(stall)[0], ["--stream", "--timeout", "0.5"]),
-            ("refused", f"http://127.0.0.1:{free_port()}/v1", []),
-            ("html", raw_server(in_turn(json_response(500, b"<h1>" + self.KEY.encode() + b"</h1>")))[0],
-             []),
-        ]
-
-    def test_the_key_never_appears_in_any_output(self, run_chat, raw_server):
-        for name, url, args in self.fault_servers(raw_server):
-            for verbose in ([], ["-v"]):
-                done = run_chat("--base-url", url, "--retries", "1", *args, *verbose, "q", key=self.KEY)
-                assert done.code != 0, name
-                assert self.KEY not in done.out + done.err, (name, verbose, done.err)
-                assert "sk-test-DISTINCTIVE" not in done.err, (name, verbose)
-                assert "Traceback" not in done.err
-
-    def test_a_netrc_entry_does_not_replace_the_key(self, run_chat, httpserver, base_url, tmp_path):
-        (tmp_path / ".netrc").write_text("machine 127.0.0.1 login netrc-user password netrc-pass\n")
-        (tmp_path / ".netrc").chmod(0o600)
-        httpserver.expect_request("/v1/chat/completions").respond_with_json(completion())
-        done = run_chat("--base-url", base_url, "q", env={"HOME": str(tmp_path)})
-        assert done.code == 0, done.err
-        assert httpserver.log[0][0].headers["Authorization"] == f"Bearer {FAKE_KEY}"
-
-    def test_a_redirect_to_another_host_drops_the_key(self, run_chat, raw_server):
-        target, landed = raw_server(in_turn(OK))
-        other_host = target.replace("127.0.0.1", "localhost") + "/chat/completions"
-        redirect = (f"HTTP/1.1 307 Temporary Redirect\r\nLocation: {other_host}\r\n"
-                    "Content-Length: 0\r\n\r\n").encode()
-        url, first = raw_server(in_turn(redirect))
-        done = run_chat("--base-url", url, "q")
-        assert (done.code, done.out) == (0, "recovered\n")
-        assert first[0]["headers"]["authorization"] == f"Bearer {FAKE_KEY}"
-        assert "authorization" not in landed[0]["headers"]
-        assert landed[0]["body"]["messages"][0]["content"] == "q"
-
-    def test_plain_http_to_a_remote_host_warns(self, run_chat, raw_server):
-        # The "remote" host is reached through a proxy on 127.0.0.1, so nothing leaves this machine.
-        proxy, received = raw_server(in_turn(OK))
-        proxy = proxy.removesuffix("/v1")
-        done = run_chat("--base-url", "http://models.example.test/v1", "q",
-                        env={"HTTP_PROXY": proxy, "NO_PROXY": ""})
-        assert (done.code, done.out) == (0, "recovered\n")
-        assert done.err == "warning: sending the API key unencrypted to models.example.test over http://\n"
-        assert received[0]["line"].startswith("POST http://models.example.test/v1/chat/completions ")
-
-    def test_plain_http_to_loopback_or_without_a_key_does_not_warn(self, run_chat, raw_server):
-        url, _ = raw_server(in_turn(OK))
-        assert run_chat("--base-url", url, "q").err == ""
-        proxy = url.removesuffix("/v1")
-        done = run_chat("--base-url", "http://models.example.test/v1", "q", key=None,
-                        env={"HTTP_PROXY": proxy, "NO_PROXY": ""})
-        assert (done.code, done.err) == (0, "")
+    @pytest.mark.parametrize("key, warning", [
+        (FAKE_KEY, "warning: sending the API key unencrypted to models.example.test over http://\n"),
+        (None, ""),
+    ])
+    def test_plain_http_to_another_machine_warns_when_a_key_goes(self, chat, server, monkeypatch, key,
+                                                                  warning):
+        # The other machine is reached through a proxy on 127.0.0.1: nothing leaves this one.
+        monkeypatch.setenv("HTTP_PROXY", server.url.removesuffix("/v1"))
+        monkeypatch.setenv("NO_PROXY", "")
+        done = chat("--base-url", "http://models.example.test/v1", "q", key=key)
+        assert (done.code, done.out, done.err) == (0, "Hello!\n", warning)
+        assert server.requests[0].path == "http://models.example.test/v1/chat/completions"
 
 
 class TestLongServerText:
     """A server that echoes the whole request in its error (llama-cpp-python does, Base64 image
-    included) still gives short lines: every error: and warning: line is at most 300 characters."""
+    included) still gives short lines."""
 
     @staticmethod
     def echo_request(conn, request):
-        message = f"Invalid request: {json.dumps(request['body'])}" + " and more" * 20_000
+        message = f"Invalid request: {json.dumps(request.body)}" + " and more" * 20_000
         conn.sendall(error(500, message))
 
-    def test_every_line_is_short(self, run_chat, raw_server, tmp_path):
-        noise((1500, 1500)).save(tmp_path / "big.png")
-        url, received = raw_server(self.echo_request)
-        done = run_chat("--base-url", url, "--detail", "original", "--image", "big.png", "q")
+    def test_every_line_is_short_and_the_image_is_elided(self, chat, server, tmp_path):
+        noise((400, 400)).save(tmp_path / "big.png")
+        server.reply(self.echo_request)
+        done = chat("--base-url", server.url, "--image", "big.png", "q")
         assert (done.code, done.out) == (1, "")
-        lines = done.err.splitlines()
-        assert len(lines) == 3 and len(received) == 3  # two retry warnings, then the error
-        assert all(len(line) <= 300 for line in lines), [len(line) for line in lines]
-        assert lines[0].startswith('warning: HTTP 500 Internal Server Error: Invalid request: {"model": ')
-        assert re.search(r'"url": "data:image/jpeg;base64,…\([\d,]+ characters\)"', lines[-1])
-        assert lines[-1].startswith("error: HTTP 500 Internal Server Error: Invalid request: ")
-        assert lines[-1].endswith("…") and lines[0].endswith("(attempt 2 of 3)")
+        warnings, last = done.err.splitlines()[:-1], done.err.splitlines()[-1]
+        assert warnings == [f"warning: HTTP 500; retrying in {wait:.1f} s ({n} of 3)"
+                            for n, wait in enumerate(chat.waits, 2)]
+        url = server.bodies[0]["messages"][0]["content"][1]["image_url"]["url"]
+        assert len(url) > 100_000
+        prefix = "data:image/jpeg;base64,"
+        elided = f"{prefix}…({len(url) - len(prefix):,} characters)"
+        echoed = json.dumps(server.bodies[0]).replace(url, elided)
+        assert echoed.startswith('{"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": [')
+        message = f"Invalid request: {echoed}" + " and more" * 30
+        assert last == cut(f"error: HTTP 500 Internal Server Error: {message}", 300)
 
-    def test_the_trace_elides_and_cuts_too(self, run_chat, raw_server, tmp_path):
-        noise((1000, 1000)).save(tmp_path / "big.png")
-        url, received = raw_server(self.echo_request)
-        done = run_chat("-v", "--base-url", url, "--retries", "0", "--detail", "original",
-                        "--image", "big.png", "q")
+    def test_the_trace_elides_and_cuts_too(self, chat, server, tmp_path):
+        noise((400, 400)).save(tmp_path / "big.png")
+        server.reply(self.echo_request)
+        done = chat("-v", "--base-url", server.url, "--retries", "0", "--image", "big.png", "q")
         assert done.code == 1
-        assert len(received[0]["body"]["messages"][0]["content"][1]["image_url"]["url"]) > 500_000
-        assert len(done.err) < 20_000
-        assert max(len(line) for line in done.err.splitlines()) < 1100
-        assert '<   "error": {' in done.err  # the response body is in the trace, pretty-printed
-
-
-class TestTimeouts:
-    def test_reads_wait_ten_minutes_by_default(self):
-        import chat
-
-        assert chat.build_parser().parse_args(["q"]).timeout == 600
-
-    def test_a_slow_answer_is_not_cut_short_by_the_connect_wait(self, call_main, raw_server, monkeypatch):
-        import chat
-
-        monkeypatch.setattr(chat, "CONNECT_TIMEOUT", 0.3)
-        url, received = raw_server(in_turn(lambda conn: (nap(1.0), conn.sendall(OK))))
-        done = call_main("--base-url", url, "--retries", "0", "q")
-        assert (done.code, done.out, done.err) == (0, "recovered\n", "")
-
-    def test_connecting_gives_up_after_the_connect_wait(self, call_main, monkeypatch):
-        import chat
-
-        monkeypatch.setattr(chat, "CONNECT_TIMEOUT", 0.3)
-        with full_listener() as port:
-            started = time.monotonic()
-            done = call_main("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "q")
-        assert time.monotonic() - started < 3
-        assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.3 s\n")
-
-    def test_a_smaller_timeout_shortens_connecting_too(self, run_chat):
-        with full_listener() as port:
-            started = time.monotonic()
-            done = run_chat("--base-url", f"http://127.0.0.1:{port}/v1", "--timeout", "0.4", "--retries", "0",
-                            "q")
-        assert time.monotonic() - started < 5
-        assert (done.code, done.err) == (4, f"error: could not connect to 127.0.0.1:{port} within 0.4 s\n")
-
-    def test_a_timeout_while_reasoning_suggests_streaming(self, run_chat, raw_server):
-        url, _ = raw_server(lambda conn, request: nap(3))
-        done = run_chat("--base-url", url, "--timeout", "0.4", "--retries", "0", "--reasoning-effort", "high",
-                        "q")
-        assert done.code == 4
-        assert done.err == (f"error: {url[7:-3]} did not answer within 0.4 s (--timeout) "
-                            "(a long think may need --stream or a larger --timeout)\n")
+        lines = done.err.splitlines()
+        assert len(done.err) < 20_000 and max(map(len, lines)) < 1100
+        assert '<   "error": {' in lines
+        message = next(line for line in lines if line.startswith('<     "message": '))
+        assert re.fullmatch(r'<     "message": "Invalid request: \{\\"model\\": \\"gpt-5.4-mini\\", .*'
+                            r'\\"url\\": \\"data:image/jpeg;base64,…\([\d,]+ characters\)\\".*'
+                            r' and more …\([\d,]+ characters\)",', message), message
+        assert len(message) < 600
 
 
 def noise(size) -> Image.Image:
@@ -501,12 +506,94 @@ def noise(size) -> Image.Image:
     return Image.merge("RGB", [Image.effect_noise(size, 60) for _ in range(3)])
 
 
-@contextlib.contextmanager
-def full_listener():
-    """A port whose listen queue is full: connecting to it hangs until the client gives up."""
-    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
-        filler = socket.create_connection(server.getsockname())
+# ------------------------------------------------------------------ real processes
+
+READ_SYSCALL = {"x86_64": 0, "aarch64": 63}.get(platform.machine())
+
+
+def wait_until_reading_stdin(pid: int, seconds: float = 10) -> None:
+    """Until the process blocks in read(0, ...): past its imports, reading the piped question.
+    Where /proc/PID/syscall cannot say so, a second has to do."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
-            yield server.getsockname()[1]
-        finally:
-            filler.close()
+            with open(f"/proc/{pid}/syscall") as file:
+                fields = file.read().split()
+        except OSError:
+            fields = None
+        if fields is None or READ_SYSCALL is None:
+            nap(1)
+            return
+        if fields[:2] == [str(READ_SYSCALL), "0x0"]:
+            return
+        nap(0.01)
+    raise AssertionError("chat.py never read its stdin")
+
+
+def interrupt(process: subprocess.Popen) -> tuple[int, bytes, bytes]:
+    """Press Ctrl-C: the exit status and what remains of stdout and stderr."""
+    process.send_signal(signal.SIGINT)
+    code = process.wait(timeout=10)
+    return code, process.stdout.read(), process.stderr.read()
+
+
+class TestInterrupts:
+    """Ctrl-C is SIGINT to a real process: exit 130, a newline on stderr, no traceback."""
+
+    def test_ctrl_c_while_waiting_for_the_server(self, chat, server, released):
+        server.reply(lambda conn, request: released.wait(10))
+        process = chat.process("--base-url", server.url, "q", start=True)
+        process.stdin.close()
+        server.wait_for_requests(1)
+        assert interrupt(process) == (130, b"", b"\n")
+
+    def test_ctrl_c_mid_stream_keeps_the_text(self, chat, server, released):
+        def partial(conn, request):
+            conn.sendall(SSE_HEAD + chunk_of(chunk("partial")))
+            released.wait(10)
+
+        server.reply(partial)
+        process = chat.process("--base-url", server.url, "--stream", "q", start=True)
+        process.stdin.close()
+        assert process.stdout.read(len("partial")) == b"partial"
+        assert interrupt(process) == (130, b"", b"\n")  # the text stays as it was: no newline added
+
+    def test_ctrl_c_before_the_request(self, chat, server):
+        process = chat.process("--base-url", server.url, "q", start=True)  # stdin stays open
+        wait_until_reading_stdin(process.pid)
+        assert interrupt(process) == (130, b"", b"\n")
+        assert server.requests == []
+
+
+class TestClosedStdout:
+    """`chat.py ... | head -c N`: the reader leaves early; chat.py ends quietly, exit 0."""
+
+    @pytest.mark.parametrize("args, reply", [
+        # Over the 64 KiB a pipe holds, so chat.py is still writing when head leaves.
+        (["--stream"], sse_response(*(chunk(f"word{n} " + "x" * 1000) for n in range(200)))),
+        ([], json_response(completion("word0 " + "x" * 200_000))),
+    ], ids=["streamed", "whole"])
+    def test_a_reader_that_leaves_early(self, chat, server, args, reply):
+        server.reply(reply)
+        command = (f"{sys.executable} {CHAT} --base-url {server.url} {' '.join(args)} q | head -c 12; "
+                   'echo " status=${PIPESTATUS[0]}"')
+        done = subprocess.run(["bash", "-c", command], capture_output=True, env=chat.environ(FAKE_KEY, {}),
+                              cwd=chat.folder, timeout=30)
+        assert (done.stdout, done.stderr) == (b"word0 xxxxxx status=0\n", b"")
+
+
+class TestEndToEnd:
+    """The exit code and stderr of a real process, whose retry waits are really slept."""
+
+    def test_a_retried_503_then_the_reply(self, chat, server):
+        server.reply(error(503, headers="retry-after-ms: 100\r\n"), OK)
+        done = chat.process("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (0, "recovered\n", "warning: HTTP 503; retrying in 0.1 s "
+                                                                     "(2 of 3)\n")
+        assert len(server.requests) == 2
+
+    def test_a_refused_connection_exits_3(self, chat):
+        port = free_port()
+        done = chat.process("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "0", "q")
+        assert (done.code, done.out, done.err) == (3, "", f"error: cannot reach 127.0.0.1:{port}: "
+                                                          "Connection refused\n")

@@ -1,364 +1,521 @@
-"""The conversation mode and everything that needs a terminal, driven through a pseudo-terminal
-against a local server: commands, pasted blocks, saved turns, the spinner, reasoning."""
+"""Conversation mode, and what only shows on a terminal: the spinner and the reasoning.
 
-import json
+The logic (commands, history, /retry, /reset, \"\"\" blocks, attachments, the banner) runs
+in-process: `lines` is what the person types. A pseudo-terminal (pexpect) drives a real chat.py
+only where the terminal is the point: readline (bracketed paste, line history across sessions,
+Ctrl-D), Ctrl-C as a real signal, the spinner and dim reasoning, stdout redirected to a file."""
+
+import io
 import os
 import re
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import CHAT, END_CHUNKS, SSE_HEAD, child_env, chunk_event, chunked, completion, json_response
+import chat as chat_module
+from conftest import (CHAT, FAKE_KEY, SSE_HEAD, chunk, chunk_of, completion, json_response, nap,
+                      saved, sse_response, stream_events)
 
 pexpect = pytest.importorskip("pexpect")
 
-PROMPT = "> "
+TERMINAL = (True, True, True)  # stdin, stdout and stderr all terminals: conversation mode
+VERSION = chat_module.__version__
+NAME = r"\d{8}-\d{6}-[0-9a-f]{3}"  # a generated conversation name
+DIM, NORMAL, ERASE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"
+# Spinner frames (dim or not), each drawn over the one before, and the erase that ends them.
+SPINNER = re.compile(r"(?:\r\x1b\[K(?:\x1b\[2m)?[|/\\-] waiting \d+ s(?:\x1b\[0m)?)+\r\x1b\[K")
 
 
-class Script:
-    """Answers the n-th request by the n-th entry: "text" streams (or returns) that reply,
-    ("error", status) fails the turn, ("slow", text) streams text and then stalls,
-    ("late", seconds, text) waits before answering."""
-
-    def __init__(self, *turns):
-        self.turns = list(turns)
-        self.requests = []
-        self.release = threading.Event()
-
-    def __call__(self, conn, request):
-        self.requests.append(request["body"])
-        turn = self.turns[len(self.requests) - 1]
-        if isinstance(turn, tuple) and turn[0] == "error":
-            conn.sendall(json_response(turn[1], {"error": {"message": "the model is busy"}}))
-            return
-        if isinstance(turn, tuple) and turn[0] == "slow":
-            conn.sendall(SSE_HEAD + chunked(chunk_event(turn[1])))
-            self.release.wait(20)
-            return
-        if isinstance(turn, tuple) and turn[0] == "late":
-            time.sleep(turn[1])
-            turn = turn[2]
-        if request["body"].get("stream"):
-            conn.sendall(SSE_HEAD + chunked(chunk_event(turn)) + chunked(
-                chunk_event(finish_reason="stop") + b"data: [DONE]\n\n") + END_CHUNKS)
-        else:
-            conn.sendall(json_response(200, completion(turn)))
-
-    def contents(self, index):
-        return [(message["role"], message["content"]) for message in self.requests[index]["messages"]]
+def streamed(*texts: str) -> bytes:
+    return sse_response(stream_events(*texts))
 
 
-def spawn(*args, **env):
-    return pexpect.spawn(sys.executable, [str(CHAT), *args], env=child_env(**{"TERM": "dumb", **env}),
-                         encoding="utf-8", timeout=15, dimensions=(40, 200))
+def busy(status: int = 400) -> bytes:
+    return json_response({"error": {"message": "the model is busy"}}, status=status)
+
+
+def split_banner(err: str) -> tuple[list[str], str]:
+    """The banner's lines (up to the one ending in how to leave), and what came on stderr after."""
+    lines = err.split("\n")
+    last = next(n for n, line in enumerate(lines) if line.endswith("/help · Ctrl-D leaves"))
+    assert lines[0].startswith(f"chat.py {VERSION} · ")
+    return lines[:last + 1], "\n".join(lines[last + 1:])
+
+
+def after_banner(err: str) -> str:
+    return split_banner(err)[1]
+
+
+def contents(body: dict) -> list[tuple[str, object]]:
+    return [(message["role"], message["content"]) for message in body["messages"]]
+
+
+def questions(name: str | None = None) -> list[str]:
+    """The questions of the saved turns (of one conversation, or of the only one)."""
+    conversations = saved()
+    turns = conversations[name] if name else [turn for turns in conversations.values() for turn in turns]
+    return [turn["user"]["content"] for turn in turns]
+
+
+# ------------------------------------------------------------------ in-process: the logic
+
+
+class TestTurns:
+    def test_each_turn_sends_the_conversation_so_far(self, chat, server):
+        server.reply(streamed("Paris."), streamed("About 2.1 million."))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["Capital of France?", "Population?"])
+        assert (done.code, done.out, after_banner(done.err)) == (0, "Paris.\nAbout 2.1 million.\n", "\n")
+        assert done.prompts == ["> ", "> ", "> "]
+        assert contents(server.bodies[1]) == [("user", "Capital of France?"), ("assistant", "Paris."),
+                                              ("user", "Population?")]
+        assert [body["stream"] for body in server.bodies] == [True, True]  # streamed unless --no-stream
+
+    def test_each_turn_is_on_disk_the_moment_its_reply_ends(self, chat, server):
+        on_disk = []
+
+        def second(conn, request):
+            on_disk.append(questions())
+            conn.sendall(streamed("a2"))
+
+        server.reply(streamed("a1"), second)
+        assert chat("--base-url", server.url, ttys=TERMINAL, lines=["q1", "q2"]).code == 0
+        assert on_disk == [["q1"]]  # saved before the next question was even sent
+        assert questions() == ["q1", "q2"] and len(saved()) == 1
+
+    @pytest.mark.parametrize("typed, expected", [
+        (['"""', "def f():", "", "    return 1", '"""'], "def f():\n\n    return 1"),
+        (['"""', "", "text", "", '  """  '], "text"),  # blank edge lines go
+    ])
+    def test_triple_quotes_make_one_message_of_many_lines(self, chat, server, typed, expected):
+        server.reply(streamed("got it"))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+        assert (done.code, done.out) == (0, "got it\n")
+        assert done.prompts == ["> "] + ["... "] * (len(typed) - 1) + ["> "]
+        assert contents(server.bodies[0]) == [("user", expected)]
+
+    @pytest.mark.parametrize("typed", [['"""', "    return x", "  # end", '"""'],
+                                       ["    return x\n  # end"]], ids=["block", "pasted"])
+    def test_the_first_line_keeps_its_indentation(self, chat, server, typed):
+        # Contract silent; piped stdin keeps it, and indented code pasted from the middle of a
+        # file would otherwise change meaning (YAML, Python).
+        server.reply(streamed("ok"))
+        assert chat("--base-url", server.url, ttys=TERMINAL, lines=typed).code == 0
+        assert contents(server.bodies[0]) == [("user", "    return x\n  # end")]
+
+    def test_blank_lines_send_nothing(self, chat, server):
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["", "   ", "\t"])
+        assert (done.code, done.out, after_banner(done.err)) == (0, "", "\n")
+        assert done.prompts == ["> "] * 4 and server.requests == []
+
+    def test_a_failed_turn_keeps_the_session_and_stays_out_of_the_history(self, chat, server):
+        server.reply(streamed("a1"), busy(), streamed("finally"))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["q1", "hard question", "/retry"])
+        assert (done.code, done.out) == (0, "a1\nfinally\n")
+        assert after_banner(done.err) == ("error: HTTP 400 Bad Request: the model is busy "
+                                          "(/retry to ask again)\n\n")
+        assert contents(server.bodies[2]) == [("user", "q1"), ("assistant", "a1"), ("user", "hard question")]
+        turns = saved().popitem()[1]
+        assert [turn["assistant"] for turn in turns] == ["a1", "finally"]
+        assert "retry" not in turns[1]  # the failed attempt was never saved: nothing to replace
+
+    def test_no_stream_and_attachments_go_with_the_first_question_only(self, chat, server, tmp_path):
+        Image.new("RGB", (10, 10), "red").save(tmp_path / "pic.png")
+        (tmp_path / "notes.txt").write_text("some notes\n")
+        server.reply(json_response(completion("a red square")), json_response(completion("yes")))
+        done = chat("--base-url", server.url, "--no-stream", "--image", "pic.png", "-f", "notes.txt",
+                    ttys=TERMINAL, lines=["what is it?", "sure?"])
+        assert (done.code, done.out) == (0, "a red square\nyes\n")
+        first, second = server.bodies
+        assert "stream" not in first
+        parts = first["messages"][0]["content"]
+        assert [part["type"] for part in parts] == ["text", "image_url"]
+        assert parts[0]["text"] == "what is it?\n\nnotes.txt\n```\nsome notes\n```"
+        assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert second["messages"][0] == first["messages"][0]  # the image stays in the history
+        assert second["messages"][1:] == [{"role": "assistant", "content": "a red square"},
+                                          {"role": "user", "content": "sure?"}]
+        assert [turn.get("images") for turn in saved().popitem()[1]] == [["pic.png"], None]
+
+    def test_attachments_wait_for_a_question_that_gets_an_answer(self, chat, server, tmp_path):
+        # Contract silent: a failed turn is not kept, so its file must go with the next question.
+        (tmp_path / "notes.txt").write_text("some notes\n")
+        server.reply(busy(), streamed("read them"), streamed("plain"))
+        done = chat("--base-url", server.url, "-f", "notes.txt", ttys=TERMINAL,
+                    lines=["first try", "second try", "third"])
+        assert (done.code, done.out) == (0, "read them\nplain\n")
+        sent = [body["messages"][-1]["content"] for body in server.bodies]
+        assert sent == ["first try\n\nnotes.txt\n```\nsome notes\n```",
+                        "second try\n\nnotes.txt\n```\nsome notes\n```", "third"]
+
+
+class TestLeaving:
+    @pytest.mark.parametrize("typed, err", [
+        ([], "\n"),  # Ctrl-D: the shell's prompt comes on a line of its own
+        (["exit", "never sent"], ""), (["quit", "never sent"], ""), (["/exit", "never sent"], ""),
+        (["/quit", "never sent"], ""), (["  EXIT ", "never sent"], ""),
+    ])
+    def test_ctrl_d_and_the_leaving_words_end_with_exit_0(self, chat, server, typed, err):
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+        assert (done.code, done.out, after_banner(done.err)) == (0, "", err)
+        assert done.prompts == ["> "] and server.requests == []
+
+    @pytest.mark.parametrize("typed, prompts", [
+        ([KeyboardInterrupt, "the question"], ["> ", "> ", "> "]),
+        (['"""', "a block", "being typed", KeyboardInterrupt, "the question"],
+         ["> ", "... ", "... ", "... ", "> ", "> "]),
+    ], ids=["line", "block"])
+    def test_ctrl_c_at_the_prompt_drops_what_was_typed_and_goes_on(self, chat, server, typed, prompts):
+        server.reply(streamed("answer"))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+        assert (done.code, done.out, after_banner(done.err)) == (0, "answer\n", "\n\n")
+        assert done.prompts == prompts
+        assert [contents(body) for body in server.bodies] == [[("user", "the question")]]
+
+
+class TestCommands:
+    def test_help_and_unknown_commands_send_nothing(self, chat, server):
+        server.reply(streamed("answer"))
+        done = chat("--base-url", server.url, ttys=TERMINAL,
+                    lines=["/help", "/frobnicate", "a real question"])
+        assert (done.code, done.out) == (0, "answer\n")
+        *help_lines, unknown, eof, end = after_banner(done.err).split("\n")
+        assert [line.split()[0] for line in help_lines] == ["/help", "/exit,", "/reset", "/retry", "/model",
+                                                             "/system", '"""', "//text"]
+        assert "exit, quit and Ctrl-D" in help_lines[1] and "Ctrl-C drops the line" in help_lines[1]
+        assert unknown == ("(unknown command /frobnicate, /help lists them; "
+                           "//frobnicate sends it as a message)")
+        assert (eof, end) == ("", "") and contents(server.bodies[0]) == [("user", "a real question")]
+
+    def test_a_double_slash_sends_the_rest_with_one_slash(self, chat, server):
+        server.reply(streamed("it holds hosts"), streamed("a path"))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["//etc/hosts", "/usr/bin is what?"])
+        assert (done.code, done.out, after_banner(done.err)) == (0, "it holds hosts\na path\n", "\n")
+        assert contents(server.bodies[0]) == [("user", "/etc/hosts")]
+        assert contents(server.bodies[1])[-1] == ("user", "/usr/bin is what?")  # words: a question
+
+    def test_model_and_system_change_the_following_turns(self, chat, server):
+        server.reply(streamed("one"), streamed("two"))
+        done = chat("--base-url", server.url, "-m", "first-model", ttys=TERMINAL,
+                    lines=["q1", "/model", "/model second-model", "/system Answer in French.", "q2"])
+        assert (done.code, done.out) == (0, "one\ntwo\n")
+        assert after_banner(done.err) == ("(model: first-model)\n(model: second-model)\n"
+                                          "(system prompt: Answer in French.)\n\n")
+        assert [body["model"] for body in server.bodies] == ["first-model", "second-model"]
+        assert contents(server.bodies[1]) == [("system", "Answer in French."), ("user", "q1"),
+                                              ("assistant", "one"), ("user", "q2")]
+        turns = saved().popitem()[1]
+        assert [(turn["model"], turn.get("system")) for turn in turns] == [
+            ("first-model", None), ("second-model", "Answer in French.")]
+
+    def test_retry_resends_the_last_question_and_replaces_its_turn(self, chat, server):
+        server.reply(streamed("first answer"), streamed("second answer"), streamed("second answer again"))
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["one", "two", "/retry"])
+        assert (done.code, done.out) == (0, "first answer\nsecond answer\nsecond answer again\n")
+        assert server.bodies[2] == server.bodies[1]
+        turns = saved().popitem()[1]
+        assert [turn["assistant"] for turn in turns] == ["first answer", "second answer",
+                                                         "second answer again"]
+        assert turns[2]["retry"] is True and "retry" not in turns[1]
+
+    def test_retry_with_nothing_asked_yet(self, chat, server):
+        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["/retry"])
+        assert (done.code, done.out, after_banner(done.err)) == (0, "", "(nothing to retry yet)\n\n")
+        assert server.requests == []
+
+    def test_reset_starts_a_new_conversation_and_keeps_the_old_file(self, chat, server):
+        server.reply(streamed("a1"), streamed("a2"))
+        done = chat("--base-url", server.url, "-s", "Be brief.", ttys=TERMINAL,
+                    lines=["q1", "/reset", "/retry", "q2"])
+        assert (done.code, done.out) == (0, "a1\na2\n")
+        [_, _, new_line], rest = split_banner(done.err)
+        old = re.fullmatch(f"conversation ({NAME}) · new · /help · Ctrl-D leaves", new_line)[1]
+        new = re.fullmatch(rf"\(new conversation ({NAME}); the last one stays saved\)\n"
+                           r"\(nothing to retry yet\)\n\n", rest)[1]
+        assert contents(server.bodies[1]) == [("system", "Be brief."), ("user", "q2")]
+        assert (questions(old), questions(new)) == (["q1"], ["q2"])
+
+    def test_continue_resumes_the_newest_conversation(self, chat, server):
+        server.reply(json_response(completion("saved answer")), streamed("next answer"))
+        assert chat("--base-url", server.url, "-m", "saved-model", "saved question").code == 0
+        [name] = saved()
+        done = chat("--base-url", server.url, "-c", ttys=TERMINAL, lines=["follow-up"])
+        assert (done.code, done.out) == (0, "next answer\n")
+        assert done.err == (f"chat.py {VERSION} · saved-model at 127.0.0.1:{server.port}\n"
+                            f"conversation {name} · 1 turn · /help · Ctrl-D leaves\n\n")
+        assert contents(server.bodies[1]) == [("user", "saved question"), ("assistant", "saved answer"),
+                                              ("user", "follow-up")]
+        assert server.bodies[1]["model"] == "saved-model"
+        assert list(saved()) == [name] and questions(name) == ["saved question", "follow-up"]
+
+
+class TestBanner:
+    def test_it_names_version_model_host_conversation_and_how_to_leave(self, chat, server):
+        done = chat("--base-url", server.url, "-m", "tiny", ttys=TERMINAL)
+        assert done.code == 0
+        assert re.fullmatch(rf"chat\.py {re.escape(VERSION)} · tiny at 127\.0\.0\.1:{server.port}\n"
+                            rf"conversation {NAME} · new · /help · Ctrl-D leaves\n\n", done.err)
+
+    def test_no_hint_when_the_model_is_named_or_the_host_is_openai(self, chat, server):
+        done = chat("--base-url", server.url, ttys=TERMINAL, env={"OPENAI_MODEL": "env-model"})
+        assert split_banner(done.err)[0][0] == f"chat.py {VERSION} · env-model at 127.0.0.1:{server.port}"
+        assert len(split_banner(done.err)[0]) == 2
+        done = chat(ttys=TERMINAL)  # the banner comes before anything is sent: no traffic
+        assert split_banner(done.err)[0][0] == f"chat.py {VERSION} · gpt-5.4-mini at api.openai.com"
+        assert len(split_banner(done.err)[0]) == 2
+
+    def test_it_says_when_the_model_is_only_chat_pys_default(self, chat, server):
+        done = chat("--base-url", server.url, ttys=TERMINAL)
+        assert split_banner(done.err)[0][:2] == [
+            f"chat.py {VERSION} · gpt-5.4-mini at 127.0.0.1:{server.port}",
+            "(the model name is chat.py's default: --models lists the server's)"]
+
+    @pytest.mark.parametrize("env, args", [({}, ["--no-save"]), ({"CHAT_PY_NO_SAVE": "1"}, [])])
+    def test_without_saving_it_says_nothing_is_saved(self, chat, server, env, args):
+        server.reply(streamed("answer"))
+        done = chat("--base-url", server.url, "-m", "m", *args, ttys=TERMINAL, env=env, lines=["q"])
+        assert (done.code, done.out) == (0, "answer\n")
+        [_, line] = split_banner(done.err)[0]
+        assert re.fullmatch(f"conversation {NAME} · new, nothing is saved · /help · Ctrl-D leaves", line)
+        assert saved() == {} and not Path(os.environ["CHAT_PY_HOME"]).exists()
+
+    def test_continuing_without_saving_still_names_the_conversation(self, chat, server):
+        assert chat("--base-url", server.url, "--chat", "kept", "q").code == 0
+        done = chat("--base-url", server.url, "-m", "m", "--chat", "kept", "--no-save", ttys=TERMINAL)
+        assert split_banner(done.err)[0][1:] == [
+            "conversation kept · 1 turn, nothing is saved · /help · Ctrl-D leaves"]
+
+    @pytest.mark.parametrize("name, turns, shows", [
+        ("short", 2, ["conversation short · 2 turns · /help · Ctrl-D leaves"]),
+        ("x" * 64, 12, ["conversation " + "x" * 64, "12 turns · /help · Ctrl-D leaves"]),
+        ("y" * 64, 0, ["conversation " + "y" * 64, "new · /help · Ctrl-D leaves"]),
+    ], ids=["short", "long", "long-new"])
+    def test_it_names_the_conversation_whole_with_its_turn_count(self, chat, server, name, turns, shows):
+        server.reply(*[json_response(completion(f"a{n}")) for n in range(max(turns, 1))])
+        for n in range(turns):
+            assert chat("--base-url", server.url, "--chat", name, f"q{n}").code == 0
+        done = chat("--base-url", server.url, "-m", "m", "--chat", name, ttys=TERMINAL)
+        banner = split_banner(done.err)[0]
+        assert banner[1:] == shows
+        assert max(map(len, banner)) <= 80
+
+    def test_a_long_model_name_is_cut_to_80_columns(self, chat, server):
+        done = chat("--base-url", server.url, "-m", "m" * 100, ttys=TERMINAL)
+        first = split_banner(done.err)[0][0]
+        assert len(first) == 80 and first.endswith("…")
+
+
+# ------------------------------------------------------------------ in-process: stderr a terminal
+
+
+def late(seconds: float, reply: bytes):
+    def answer(conn, request):
+        nap(seconds)
+        conn.sendall(reply)
+    return answer
+
+
+THINKING = sse_response(chunk("", role="assistant"), chunk(reasoning_content="Let me think. "),
+                        chunk(reasoning_content="Done."), chunk("The answer."), chunk(finish_reason="stop"),
+                        b"data: [DONE]\n\n")
+
+
+class TestOnAStderrTerminal:
+    @pytest.mark.parametrize("env, dim", [({}, True), ({"NO_COLOR": "1"}, False)], ids=["color", "NO_COLOR"])
+    def test_the_spinner_is_drawn_over_itself_and_erased_to_nothing(self, chat, server, env, dim):
+        server.reply(late(0.35, json_response(completion("at last"))))
+        done = chat("--base-url", server.url, "--no-save", "q", ttys=(False, False, True), env=env)
+        assert (done.code, done.out) == (0, "at last\n")
+        frames = done.err.split(ERASE)
+        assert frames[0] == "" and frames[-1] == ""  # each frame starts a clean line; the last erase ends it
+        assert len(frames) >= 3, done.err
+        for n, drawn in enumerate(frames[1:-1]):  # | / - \\ | ...: each frame the next
+            line = re.escape("|/-\\"[n % 4]) + r" waiting \d+ s"
+            assert re.fullmatch(re.escape(DIM) + line + re.escape(NORMAL) if dim else line, drawn), done.err
+
+    @pytest.mark.parametrize("args, ttys, env, err", [
+        (["--stream"], (False, False, True), {"NO_COLOR": "1"}, "reasoning:\nLet me think. Done.\n\n"),
+        (["--stream", "--reasoning", "show"], (False, False, False), {},
+         "reasoning:\nLet me think. Done.\n\n"),
+        (["--stream", "--reasoning", "hide"], (False, False, True), {}, ""),
+    ], ids=["NO_COLOR", "not-a-terminal", "hidden"])
+    def test_reasoning_not_dimmed_is_labelled(self, chat, server, args, ttys, env, err):
+        server.reply(THINKING)
+        done = chat("--base-url", server.url, "--no-save", *args, "q", ttys=ttys, env=env)
+        assert (done.code, done.out, SPINNER.sub("", done.err)) == (0, "The answer.\n", err)
+
+    def test_reasoning_of_a_whole_reply_is_labelled_under_no_color(self, chat, server):
+        server.reply(json_response(completion("Answer.", reasoning_content="Thoughts\n")))
+        done = chat("--base-url", server.url, "--no-save", "q", ttys=(False, False, True),
+                    env={"NO_COLOR": "1"})
+        assert (done.code, done.out) == (0, "Answer.\n")
+        assert SPINNER.sub("", done.err) == "reasoning:\nThoughts\n\n"
+
+
+# ------------------------------------------------------------------ on a pseudo-terminal
 
 
 @pytest.fixture
-def chat_session(raw_server):
+def terminal(chat, server, tmp_path):
+    """spawn(*args, shell=..., **env) -> chat.py on an xterm-like pseudo-terminal of 24x80, talking
+    to `server`; with shell, through `sh -c shell` (chat.py is "$0", its arguments "$@")."""
     children = []
 
-    def start(script, *args, **env):
-        url, _ = raw_server(script)
-        child = spawn("--base-url", url, *args, **env)
+    def spawn(*args, shell: str | None = None, **env):
+        argv = [str(CHAT), "--base-url", server.url, *args]
+        command, argv = ("/bin/sh", ["-c", shell, sys.executable, *argv]) if shell else (sys.executable, argv)
+        child = pexpect.spawn(command, argv, env=chat.environ(FAKE_KEY, {"TERM": "xterm", **env}),
+                              cwd=str(tmp_path), encoding="utf-8", timeout=10, dimensions=(24, 80))
+        child.logfile_read = io.StringIO()  # all it showed: child.logfile_read.getvalue()
         children.append(child)
-        child.expect_exact("/exit or Ctrl-D")  # the banner
-        child.expect_exact(PROMPT)
         return child
 
-    yield start
+    yield spawn
     for child in children:
         child.close(force=True)
 
 
-def ask(child, line, reply):
+def start_session(spawn, *args, **kwargs):
+    """chat.py in conversation mode on a terminal, at its first prompt."""
+    child = spawn(*args, **kwargs)
+    child.expect_exact("Ctrl-D leaves")
+    child.expect_exact("> ")
+    return child
+
+
+def ask(child, line: str, reply: str) -> None:
     child.sendline(line)
     child.expect_exact(reply)
-    child.expect_exact(PROMPT)
+    child.expect_exact("> ")
 
 
-def leave(child, line="/exit"):
-    child.sendline(line)
+def ended(child) -> int:
     child.expect(pexpect.EOF)
     child.close()
     return child.exitstatus
 
 
-def saved_lines(name=None) -> list[dict]:
-    folder = Path(os.environ["CHAT_PY_HOME"])
-    files = [folder / f"{name}.jsonl"] if name else sorted(folder.glob("*.jsonl"))
-    return [json.loads(line) for path in files for line in path.read_text().splitlines()]
+def without_paste_mode(text: str) -> str:
+    """Terminal output without readline's bracketed-paste on/off codes."""
+    return re.sub(r"\x1b\[\?2004[hl]", "", text)
 
 
-def test_a_conversation_keeps_its_history(chat_session):
-    script = Script("Paris.", "About 2.1 million.")
-    child = chat_session(script)
-    ask(child, "Capital of France?", "Paris.")
-    ask(child, "Population?", "About 2.1 million.")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-    assert script.contents(1) == [("user", "Capital of France?"), ("assistant", "Paris."),
-                                  ("user", "Population?")]
-    assert all(request["stream"] is True for request in script.requests)
+class TestReadline:
+    def test_a_pasted_block_is_one_message(self, terminal, server):
+        server.reply(streamed("one answer"))
+        child = terminal()
+        # A terminal brackets a paste only once the program has asked for it (ESC [ ? 2004 h).
+        child.expect_exact("\x1b[?2004h")
+        child.expect_exact("> ")
+        child.send("\x1b[200~first line\rsecond line\r\rlast line\x1b[201~")
+        child.send("\r")
+        child.expect_exact("one answer")
+        child.expect_exact("> ")
+        child.sendline("quit")
+        assert ended(child) == 0
+        assert [contents(body) for body in server.bodies] == [
+            [("user", "first line\nsecond line\n\nlast line")]]
+
+    def test_ctrl_c_drops_the_typed_line_and_ctrl_d_leaves_on_a_new_line(self, terminal, server):
+        server.reply(streamed("the answer"))
+        child = start_session(terminal)
+        child.send("discard me")
+        child.expect_exact("discard me")
+        child.sendintr()
+        child.expect_exact("> ")
+        assert without_paste_mode(child.before).replace("\r", "") == "\n"  # a fresh prompt on a new line
+        ask(child, "the question", "the answer")
+        child.sendeof()
+        assert ended(child) == 0
+        assert without_paste_mode(child.before).replace("\r", "") == "\n"  # the shell's prompt: a new line
+        assert [contents(body) for body in server.bodies] == [[("user", "the question")]]
+
+    def test_line_history_is_kept_across_sessions(self, terminal, server):
+        server.reply(streamed("a1"), streamed("a2"))
+        child = start_session(terminal)
+        ask(child, "first question", "a1")
+        child.sendeof()
+        assert ended(child) == 0
+        history = Path(os.environ["CHAT_PY_HOME"], "history")
+        assert history.read_text() == "first question\n" and history.stat().st_mode & 0o777 == 0o600
+        child = start_session(terminal)
+        child.send("\x1b[A\r")  # Up, Enter
+        child.expect_exact("a2")
+        child.sendline("quit")
+        assert ended(child) == 0
+        assert [body["messages"][-1]["content"] for body in server.bodies] == ["first question"] * 2
+
+    def test_the_history_file_holds_the_last_1000_lines(self, terminal, server):
+        folder = Path(os.environ["CHAT_PY_HOME"])
+        folder.mkdir(mode=0o700)
+        history = folder / "history"
+        old = [f"line {n}" for n in range(1200)]
+        history.write_text("".join(line + "\n" for line in old))
+        history.chmod(0o644)
+        server.reply(streamed("ok"))
+        child = start_session(terminal)
+        ask(child, "newest line", "ok")
+        child.sendeof()
+        assert ended(child) == 0
+        assert history.read_text().splitlines() == old[201:] + ["newest line"]
+        assert history.stat().st_mode & 0o777 == 0o600
+
+    def test_no_save_writes_no_history(self, terminal, server):
+        server.reply(streamed("ok"))
+        child = start_session(terminal, "--no-save")
+        ask(child, "a private question", "ok")
+        child.sendeof()
+        assert ended(child) == 0
+        assert len(server.requests) == 1 and not Path(os.environ["CHAT_PY_HOME"]).exists()
 
 
-def test_banner_names_model_host_conversation_and_how_to_leave(raw_server):
-    url, _ = raw_server(Script())
-    child = spawn("--base-url", url, "-m", "tiny")
-    child.expect(r"chat\.py \S+ · tiny at 127\.0\.0\.1:\d+ · new conversation (\d{8}-\d{6}-[0-9a-f]{3}) · "
-                 r"/help, /exit or Ctrl-D")
-    assert leave(child) == 0
+class TestRealTerminal:
+    def test_ctrl_c_stops_the_reply_and_the_turn_is_not_kept(self, terminal, server):
+        release = threading.Event()
 
+        def stalls(conn, request):
+            conn.sendall(SSE_HEAD + chunk_of(chunk("half an ans")))
+            release.wait(10)
 
-def test_banner_says_when_the_model_is_only_chat_pys_default(raw_server):
-    url, _ = raw_server(Script())
-    child = spawn("--base-url", url)
-    child.expect_exact("gpt-5.4-mini at 127.0.0.1:")
-    child.expect_exact("(a default model name: --models lists the server's)")
-    assert leave(child) == 0
+        server.reply(stalls, streamed("fresh"))
+        try:
+            child = start_session(terminal)
+            child.sendline("long question")
+            child.expect_exact("half an ans")
+            child.sendintr()
+            child.expect_exact("> ")
+            ask(child, "next", "fresh")
+            child.sendline("quit")
+            assert ended(child) == 0
+        finally:
+            release.set()
+        assert contents(server.bodies[1]) == [("user", "next")]  # not in the history
+        assert questions() == ["next"]  # nor in the file
 
+    def test_stdout_to_a_file_gets_only_the_replies(self, terminal, server, tmp_path):
+        server.reply(streamed("a1"), streamed("a2"))
+        child = terminal(shell='exec "$0" "$@" > out.txt')
+        child.expect_exact("Ctrl-D leaves\r\n> ")  # banner and prompt on the terminal
+        child.sendline("q1")
+        child.expect_exact("q1\r\n")
+        child.expect_exact("> ")
+        child.sendline("q2")
+        child.expect_exact("> ")
+        child.sendeof()
+        assert ended(child) == 0
+        assert (tmp_path / "out.txt").read_text() == "a1\na2\n"
+        shown = SPINNER.sub("", child.logfile_read.getvalue())
+        assert re.fullmatch(rf"chat\.py {re.escape(VERSION)} · .*\r\n.*\r\nconversation {NAME} · new · "
+                            r"/help · Ctrl-D leaves\r\n> q1\r\n> q2\r\n> \r\n", shown), shown
 
-@pytest.mark.parametrize("word", ["exit", "quit", "/exit", "/quit", "EXIT"])
-def test_leaving_words_send_nothing(chat_session, word):
-    script = Script()
-    child = chat_session(script)
-    assert leave(child, word) == 0
-    assert script.requests == []
-
-
-def test_help_and_unknown_commands_send_nothing(chat_session):
-    script = Script("answer")
-    child = chat_session(script)
-    child.sendline("/help")
-    for command in ("/reset", "/retry", "/model NAME", "/system TEXT", '"""', "//text"):
-        child.expect_exact(command)
-    child.expect_exact(PROMPT)
-    child.sendline("/frobnicate")
-    child.expect_exact("unknown command /frobnicate, /help lists them")
-    child.expect_exact(PROMPT)
-    ask(child, "a real question", "answer")
-    assert script.contents(0) == [("user", "a real question")]
-
-
-def test_a_double_slash_sends_the_rest_with_one_slash(chat_session):
-    script = Script("it holds hosts", "a path")
-    child = chat_session(script)
-    ask(child, "//etc/hosts", "it holds hosts")
-    ask(child, "/usr/bin is what?", "a path")  # several words: a question, not a command
-    assert script.contents(0) == [("user", "/etc/hosts")]
-    assert script.contents(1)[-1] == ("user", "/usr/bin is what?")
-
-
-def test_model_and_system_change_the_following_turns(chat_session):
-    script = Script("one", "two")
-    child = chat_session(script, "-m", "first-model")
-    ask(child, "q1", "one")
-    child.sendline("/model second-model")
-    child.expect_exact("(model: second-model)")
-    child.sendline("/system Answer in French.")
-    child.expect_exact("(system prompt: Answer in French.)")
-    ask(child, "q2", "two")
-    assert script.requests[0]["model"] == "first-model"
-    assert script.requests[1]["model"] == "second-model"
-    assert script.contents(1)[0] == ("system", "Answer in French.")
-    assert saved_lines()[1]["model"] == "second-model" and saved_lines()[1]["system"] == "Answer in French."
-
-
-def test_ctrl_d_leaves_the_shell_prompt_on_the_next_line(chat_session):
-    child = chat_session(Script(), TERM="xterm")  # xterm: readline turns bracketed paste on
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    visible = re.sub(r"\x1b\[\?2004[hl]", "", child.before)
-    assert visible.count("\n") == 1 and visible.strip("\r\n") == ""
-    child.close()
-    assert child.exitstatus == 0
-
-
-def test_a_pasted_block_is_one_message(raw_server):
-    script = Script("one answer")
-    url, _ = raw_server(script)
-    child = spawn("--base-url", url, TERM="xterm")
-    # A terminal brackets a paste only once the program has asked for it (ESC [ ? 2004 h).
-    child.expect_exact("\x1b[?2004h")
-    child.expect_exact(PROMPT)
-    child.send("\x1b[200~first line\rsecond line\r\rlast line\x1b[201~")
-    child.send("\r")
-    child.expect_exact("one answer")
-    child.expect_exact(PROMPT)
-    assert len(script.requests) == 1
-    assert script.contents(0) == [("user", "first line\nsecond line\n\nlast line")]
-
-
-def test_triple_quotes_open_and_close_a_multi_line_message(chat_session):
-    script = Script("got it")
-    child = chat_session(script)
-    for line in ('"""', "def f():", "", "    return 1", '"""'):
-        child.sendline(line)
-    child.expect_exact("got it")
-    child.expect_exact(PROMPT)
-    assert script.contents(0) == [("user", "def f():\n\n    return 1")]
-
-
-def test_retry_resends_the_last_question_without_duplicating_it(chat_session):
-    script = Script("first answer", "second answer", "second answer again")
-    child = chat_session(script)
-    ask(child, "one", "first answer")
-    ask(child, "two", "second answer")
-    ask(child, "/retry", "second answer again")
-    assert script.contents(2) == script.contents(1)
-    lines = saved_lines()
-    assert [line["assistant"] for line in lines] == ["first answer", "second answer", "second answer again"]
-    assert lines[2]["retry"] is True and "retry" not in lines[1]
-
-
-def test_each_turn_is_on_disk_when_its_reply_ends(chat_session):
-    script = Script("a1", "a2")
-    child = chat_session(script)
-    ask(child, "q1", "a1")
-    assert [line["user"]["content"] for line in saved_lines()] == ["q1"]
-    ask(child, "q2", "a2")
-    assert [line["assistant"] for line in saved_lines()] == ["a1", "a2"]
-
-
-def test_reset_starts_a_new_conversation_and_keeps_the_old_file(chat_session):
-    script = Script("a1", "a2")
-    child = chat_session(script, "-s", "Be brief.")
-    ask(child, "q1", "a1")
-    first = saved_lines()
-    child.sendline("/reset")
-    child.expect(r"\(new conversation (\S+); the last one stays saved\)")
-    new_name = child.match.group(1)
-    ask(child, "q2", "a2")
-    assert script.contents(1) == [("system", "Be brief."), ("user", "q2")]
-    assert script.contents(0)[0] == ("system", "Be brief.")
-    assert [line["user"]["content"] for line in saved_lines(new_name)] == ["q2"]
-    assert len(list(Path(os.environ["CHAT_PY_HOME"]).glob("*.jsonl"))) == 2
-    assert first[0] in saved_lines()
-
-
-def test_continue_resumes_the_newest_conversation(chat_session, run_chat, raw_server):
-    url, _ = raw_server(Script("saved answer"))
-    assert run_chat("--base-url", url, "-m", "saved-model", "saved question").code == 0
-    script = Script("next answer")
-    url, _ = raw_server(script)
-    child = spawn("--base-url", url, "-c")
-    child.expect(r"saved-model at 127\.0\.0\.1:\d+ · conversation \S+, 1 turn · ")
-    child.expect_exact(PROMPT)
-    ask(child, "follow-up", "next answer")
-    assert script.contents(0) == [("user", "saved question"), ("assistant", "saved answer"),
-                                  ("user", "follow-up")]
-    assert script.requests[0]["model"] == "saved-model"
-    assert len(saved_lines()) == 2  # the same file, one turn longer
-    assert leave(child) == 0
-
-
-def test_a_failed_turn_keeps_the_session_and_the_question(chat_session):
-    script = Script(("error", 400), "finally")
-    child = chat_session(script)
-    child.sendline("hard question")
-    child.expect_exact("error: HTTP 400 Status: the model is busy (/retry to ask again)")
-    child.expect_exact(PROMPT)
-    assert saved_lines() == []
-    ask(child, "/retry", "finally")
-    assert script.contents(1) == [("user", "hard question")]
-    assert "retry" not in saved_lines()[0]  # the failed attempt was never saved: nothing to replace
-
-
-def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(chat_session):
-    script = Script(("slow", "half an ans"), "fresh")
-    child = chat_session(script)
-    child.sendline("long question")
-    child.expect_exact("half an ans")
-    child.sendintr()
-    child.expect_exact(PROMPT)
-    script.release.set()
-    ask(child, "next", "fresh")
-    # the interrupted turn is not part of the history, nor of the file
-    assert script.contents(1) == [("user", "next")]
-    assert [line["user"]["content"] for line in saved_lines()] == ["next"]
-    assert leave(child) == 0
-
-
-def test_no_stream_and_attachments_on_the_first_question_only(chat_session, tmp_path):
-    Image.new("RGB", (10, 10), "red").save(tmp_path / "pic.png")
-    (tmp_path / "notes.txt").write_text("some notes\n")
-    script = Script("a red square", "yes")
-    child = chat_session(script, "--no-stream", "--image", "pic.png", "-f", "notes.txt")
-    ask(child, "what is it?", "a red square")
-    ask(child, "sure?", "yes")
-    first, second = script.requests
-    assert "stream" not in first
-    parts = first["messages"][0]["content"]
-    assert [part["type"] for part in parts] == ["text", "image_url"]
-    assert parts[0]["text"] == "what is it?\n\nnotes.txt\n```\nsome notes\n```"
-    assert second["messages"][0] == first["messages"][0]  # the image stays in the history
-    assert second["messages"][2] == {"role": "user", "content": "sure?"}
-
-
-def test_ctrl_c_at_the_prompt_exits_130(chat_session):
-    child = chat_session(Script())
-    child.sendintr()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 130
-    assert "Traceback" not in child.before
-
-
-class TestOnATerminal:
-    """What only shows when stderr is a terminal: the spinner and the reasoning."""
-
-    def test_a_spinner_counts_the_wait_and_is_erased_before_the_reply(self, raw_server):
-        url, _ = raw_server(Script(("late", 1.6, "at last")))
-        child = spawn("--base-url", url, "--no-save", "a question")
-        child.expect(r"\| waiting 0 s|/ waiting 0 s|- waiting 0 s")
-        child.expect(r"waiting 1 s")
-        child.expect_exact("at last")
-        erased = child.before
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-        assert erased.endswith("\r" + " " * len("| waiting 1 s") + "\r")
-        assert "\x1b[2m" in erased  # dimmed
-
-    def test_a_stream_stops_the_spinner_before_its_first_text(self, raw_server):
-        url, _ = raw_server(Script(("late", 1.2, "streamed at last")))
-        child = spawn("--base-url", url, "--no-save", "--stream", "a question")
-        child.expect_exact("waiting 1 s")
-        child.expect_exact("streamed at last")
-        assert child.before.endswith(" \r")  # erased first
-        child.expect(pexpect.EOF)
-        assert "waiting" not in child.before and " \r" not in child.before  # nothing drawn over the text
-
-    def test_no_colour_under_no_color(self, raw_server):
-        url, _ = raw_server(Script(("late", 0.5, "plain")))
-        child = spawn("--base-url", url, "--no-save", "q", NO_COLOR="1")
-        child.expect_exact("waiting 0 s")
-        child.expect(pexpect.EOF)
-        assert "\x1b[" not in child.before and "plain" in child.before
-
-    def test_reasoning_is_dimmed_on_stderr_and_set_apart(self, raw_server):
-        def handler(conn, request):
-            deltas = [{"reasoning_content": "Let me think. "}, {"reasoning_content": "Done."},
-                      {"content": "The answer."}]
-            events = b"".join(b"data: " + json.dumps({"choices": [{"delta": delta}]}).encode() + b"\n\n"
-                              for delta in deltas)
-            conn.sendall(SSE_HEAD + chunked(events + b"data: [DONE]\n\n") + END_CHUNKS)
-
-        url, _ = raw_server(handler)
-        child = spawn("--base-url", url, "--stream", "--no-save", "q")
-        child.expect(pexpect.EOF)
-        child.close()
-        assert child.exitstatus == 0
-        assert "\x1b[2mLet me think. Done.\x1b[0m\r\n\r\nThe answer.\r\n" in child.before
-
-    def test_hide_keeps_the_reasoning_off_the_terminal(self, raw_server):
-        url, _ = raw_server(lambda conn, request: conn.sendall(json_response(
-            200, completion("Answer.", reasoning_content="secret thoughts"))))
-        child = spawn("--base-url", url, "--reasoning", "hide", "--no-save", "q")
-        child.expect(pexpect.EOF)
-        assert "secret thoughts" not in child.before and "Answer." in child.before
+    def test_spinner_then_dim_reasoning_then_the_answer(self, terminal, server):
+        server.reply(late(0.8, THINKING))
+        child = terminal("--no-save", "--stream", "q")
+        assert ended(child) == 0
+        shown = child.before
+        assert f"{DIM}| waiting 0 s{NORMAL}" in shown  # the first frame
+        assert re.search(r"\x1b\[2m[|/\\-] waiting 1 s\x1b\[0m", shown)  # a second has passed
+        assert SPINNER.sub("", shown) == f"{DIM}Let me think. Done.{NORMAL}\r\n\r\nThe answer.\r\n"
+        assert shown.endswith(f"{NORMAL}{ERASE}{DIM}Let me think. Done.{NORMAL}\r\n\r\nThe answer.\r\n")

@@ -40,7 +40,7 @@ def test_every_kind_of_reply_is_among_the_replays():
                       "status": "INVALID_ARGUMENT"}}], "API key not valid. Please pass a valid API key."),
     (422, {"detail": [{"loc": ["body", "messages"], "msg": "Field required", "type": "missing"},
                       {"loc": ["body", "model"], "msg": "Input should be a valid string"}]},
-     "Field required; Input should be a valid string"),
+     "body.messages: Field required; body.model: Input should be a valid string"),
     (400, {"detail": "Model not loaded"}, "Model not loaded"),
     (400, {"error": "unknown model 'x'"}, "unknown model 'x'"),
     (400, {"object": "error", "message": "Invalid model: x", "type": "invalid_model"}, "Invalid model: x"),
