@@ -13,19 +13,14 @@
     $ python chat.py -c "Now one about HTTP."          # go on from the last question
     $ git diff | python chat.py "Review this"
     $ python chat.py --image cat.jpg "What is in this picture?"
-    $ python chat.py --stream --base-url http://127.0.0.1:8080/v1 "Explain APIs"
     $ cat invoice.txt | python chat.py --schema 'vendor, total float' "Extract"
     $ python chat.py                      # no question on a terminal: a conversation
     $ python chat.py --image missing.jpg "What is this?"
     error: cannot read image missing.jpg: No such file or directory
 
-The reply goes to stdout; reasoning, warnings and errors go to stderr. Exit codes:
-0 reply printed, 1 API error, 2 usage or input error, 3 network failure,
-4 timeout, 70 a bug in chat.py, 130 interrupted. Every answered question is saved (see --chats).
-
-The file reads top to bottom: constants; errors and records (with the surroundings: streams,
-terminal flags, environment); builders of the request; transport; replies and output; saved
-conversations; the command line; main(); conversation mode.
+The reply goes to stdout; reasoning, warnings and errors go to stderr. Exit codes: 0 reply
+printed, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, 70 a bug in
+chat.py, 130 interrupted. Every answered question is saved (see --chats).
 """
 
 from __future__ import annotations
@@ -48,9 +43,8 @@ import time
 from enum import IntEnum
 from urllib.parse import urlsplit
 
-# requests (with urllib3), python-dotenv and Pillow are imported inside the functions that need
-# them, so that the commands that need none (--help, --chats, --show, --curl, usage errors)
-# start without them.
+# requests, python-dotenv and Pillow are imported by the functions that use them, so that the
+# commands that need none (--help, --chats, --show, --curl, usage errors) start without them.
 
 __version__ = "3.0.0"
 
@@ -62,15 +56,14 @@ DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 15.0
 DEFAULT_RETRIES = 2
 USER_AGENT = f"chat.py/{__version__}"
-
 INITIAL_RETRY_DELAY = 0.5  # seconds; doubles on each retry
 MAX_RETRY_DELAY = 8.0  # seconds
 MAX_RETRY_AFTER = 120.0  # seconds; a server asking for longer gets no retry
 RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 
-# What a server or a file can make chat.py hold. A reply (after HTTP decompression), a
-# stream's text or one SSE event over MAX_REPLY is refused; so is piped stdin or a -f file
-# over MAX_INPUT, read no further than that. An error body is cut at MAX_ERROR_BODY.
+# What a server or a file can make chat.py hold: a reply (after HTTP decompression), a stream's
+# text or one SSE event up to MAX_REPLY; piped stdin or a -f file up to MAX_INPUT, read no
+# further. An error body is cut at MAX_ERROR_BODY, a .env over MAX_DOTENV ignored.
 MAX_REPLY = 64 * 1024 * 1024
 MAX_INPUT = 16 * 1024 * 1024
 MAX_ERROR_BODY = 1024 * 1024
@@ -82,12 +75,10 @@ CHARS_PER_TOKEN = 4  # roughly, for English text and code
 # repository's .env would take the key or the conversations.
 DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
 # Names worth a warning when a .env sets them: they used to work there, or look as if they would.
-IGNORED_IN_DOTENV = re.compile(r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+",
-                               re.I)
+IGNORED_IN_DOTENV = re.compile(r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I)
 
-# Detail level -> how many pixels of a local image are worth uploading.
-# "low" is seen as one 512x512 thumbnail; "high" (and "auto", the default)
-# keeps at most 2048 px on the long side and 1536 patches of 32x32 pixels.
+# Detail level -> how many pixels of a local image are worth uploading: "low" is seen as one
+# 512x512 thumbnail; "high" (and "auto") keeps 2048 px on the long side and 1536 32x32 patches.
 LOW_DETAIL_BOX = 512
 HIGH_DETAIL_LONG_SIDE = 2048
 HIGH_DETAIL_PIXELS = 1536 * 32 * 32
@@ -100,7 +91,6 @@ AS_IS_MODES = {
     "WEBP": {"1", "L", "LA", "P", "RGB", "RGBA"},
     "JPEG": {"L", "RGB"},
 }
-
 TEXT_SNIFF_BYTES = 8192  # a NUL byte this early means a -f file is not text
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic")
 
@@ -108,7 +98,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".ti
 SHORT_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
                "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean"}
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-FORMAT_REJECTED = re.compile(r"response_format|json_schema")
+FORMAT_REJECTED = re.compile(r"response_format|json_schema")  # a server refusing --schema's form
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
@@ -123,15 +113,15 @@ TRACE_STRING_CHARS = 500  # -v cuts longer strings of a JSON body
 TRACE_TEXT_CHARS = 2000  # -v cuts a longer body that is not JSON
 DATA_URL = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)([A-Za-z0-9+/=]+)")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
-# What a terminal would take as a command rather than text: C0 controls but newline and tab,
-# a carriage return not followed by a newline, DEL, and the C1 controls.
+# What a terminal would obey as a command: C0 controls but newline and tab, a carriage return
+# not followed by a newline, DEL, and the C1 controls.
 CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available context size|"
                               r"maximum context length|context window|context length", re.I)
-# Keys shorter than this are placeholders ("none", "x") that local servers
-# accept; masking them would garble every message that contains the letters.
+# Keys shorter than this are placeholders ("none", "x") that local servers accept; masking
+# them would garble every message that contains the letters.
 MIN_SECRET_CHARS = 8
-DIM, NORMAL = "\x1b[2m", "\x1b[0m"  # how reasoning and the spinner are shown on a terminal
+DIM, NORMAL = "\x1b[2m", "\x1b[0m"  # how reasoning and the spinner look on a terminal
 ERASE_LINE = "\r\x1b[K"
 # The packages chat.py needs, by the name of a module that fails to import without them.
 PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
@@ -154,19 +144,17 @@ class ExitStatus(IntEnum):
 
 
 class ChatError(Exception):
-    """A failure chat.py explains in one line; the class picks the exit code. The hint is
-    advice that stays whole when a long message is cut to fit the line; brief is what a retry
-    warning says; retryable and retry_after say whether, and when, another try could help."""
+    """A failure chat.py explains in one line; the class picks the exit code. The hint is advice
+    that stays whole when the message is cut to fit; brief is what a retry warning says;
+    retryable and retry_after say whether, and when, another try could help."""
 
     exit_status = ExitStatus.API_ERROR
 
     def __init__(self, message: str, hint: str = "", brief: str = "", retryable: bool = False,
                  retry_after: float | None = None):
         super().__init__(message)
-        self.hint = hint
-        self.brief = brief or message
-        self.retryable = retryable
-        self.retry_after = retry_after
+        self.hint, self.brief = hint, brief or message
+        self.retryable, self.retry_after = retryable, retry_after
 
 
 class UsageError(ChatError):
@@ -182,13 +170,12 @@ class TimedOut(ChatError):
 
 
 class ApiError(ChatError):
-    """The server answered, but not with a usable reply; status is its HTTP error status,
-    overflow says the request did not fit the model's context."""
+    """The server answered, but not usably; status is an HTTP error status, and overflow says
+    the request did not fit the model's context."""
 
     def __init__(self, message: str, status: int = 0, overflow: bool = False, **details):
         super().__init__(message, **details)
-        self.status = status
-        self.overflow = overflow
+        self.status, self.overflow = status, overflow
 
 
 def redact(text: str, secrets: tuple[str, ...]) -> str:
@@ -205,15 +192,15 @@ def elide_base64(text: str) -> str:
 
 
 def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS) -> str:
-    """A message as one readable line of at most room characters: secrets redacted first,
-    then Base64 elided, line breaks and runs of spaces made single spaces, the rest cut."""
+    """A message as one line of at most room characters: secrets redacted, Base64 elided,
+    runs of white space made single spaces, the rest cut."""
     text = " ".join(elide_base64(redact(message, secrets)).split())
     return text if len(text) <= room else text[: room - 1] + "…"
 
 
 def visible(text: str) -> str:
-    """text with every character a terminal would obey as a command shown as an escape
-    (ESC as \\x1b): what came from a server or a file can print, never steer the terminal."""
+    """text with every character a terminal would obey as a command shown as an escape (ESC as
+    \\x1b): what came from a server or a file can print, never steer the terminal."""
     if not CONTROL_CHARS.search(text):
         return text
     return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
@@ -229,23 +216,20 @@ def shown_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    return parts._replace(netloc=f"{user}:***@{host_of(url)}").geturl()
+    return parts._replace(netloc=f"{parts.username}:***@{host_of(url)}").geturl()
 
 
 class Spinner:
-    """One stderr line counting the seconds waited, from its start until stop() erases it.
-    Lines printed meanwhile go above it (above()), so the two never tangle."""
+    """One stderr line counting the seconds waited, until stop() erases it. Lines printed
+    meanwhile go above it, so the two never tangle."""
 
     FRAMES = "|/-\\"
 
     def __init__(self, stream, color: bool):
         import threading
 
-        self.stream, self.color = stream, color
-        self.lock = threading.Lock()
-        self.shown = False
-        self.stopping = threading.Event()
+        self.stream, self.color, self.shown = stream, color, False
+        self.lock, self.stopping = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self.spin, daemon=True)
         self.thread.start()
 
@@ -253,30 +237,29 @@ class Spinner:
         started, frame = time.monotonic(), 0
         while not self.stopping.wait(0.1):
             line = f"{self.FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
-            with self.lock:
-                self.stream.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
-                self.stream.flush()
-                self.shown = True
-            frame += 1
+            self.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
+            self.shown, frame = True, frame + 1
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.stream.write(text)
+            self.stream.flush()
 
     def above(self, line: str) -> None:
-        with self.lock:
-            self.stream.write((ERASE_LINE if self.shown else "") + line + "\n")
-            self.stream.flush()
+        self.write((ERASE_LINE if self.shown else "") + line + "\n")
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join()
         if self.shown:  # erased to the end of the line: a ^C the terminal echoed goes too
-            self.stream.write(ERASE_LINE)
-            self.stream.flush()
+            self.write(ERASE_LINE)
 
 
 class Env:
     """The process's surroundings: its streams, which of them are terminals, its environment
-    variables, its current folder, and how it reads a line and waits. main() makes one from
-    the real process; a test passes its own. Everything chat.py shows goes through here:
-    on stderr always, and on stdout when it is a terminal, control characters are made visible."""
+    variables, its current folder, how it reads a line and waits. main() makes one from the
+    real process; a test passes its own. What chat.py shows goes through here: on stderr
+    always, and on stdout when it is a terminal, control characters are made visible."""
 
     def __init__(self, stdin=None, stdout=None, stderr=None, environ: dict | None = None,
                  cwd: str = ".", ttys: tuple[bool, bool, bool] = (False, False, False),
@@ -286,8 +269,7 @@ class Env:
         self.environ = {} if environ is None else environ
         self.cwd = cwd
         self.stdin_tty, self.stdout_tty, self.stderr_tty = ttys
-        self.read_line = read_line
-        self.sleep = sleep
+        self.read_line, self.sleep = read_line, sleep
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
         self.spinner: Spinner | None = None
 
@@ -331,14 +313,12 @@ class Env:
 
     def warn(self, message: str, tail: str = "") -> None:
         """warning: MESSAGE, cut to fit one line, then the tail whole."""
-        room = LINE_CHARS - len("warning: ") - len(tail)
-        self.say(f"warning: {one_line(message, self.secrets, room)}{tail}")
+        self.say(f"warning: {one_line(message, self.secrets, LINE_CHARS - 9 - len(tail))}{tail}")
 
     def error(self, exc: ChatError, hint: str = "") -> None:
         """error: MESSAGE HINT. The message is cut to fit one line; the hints stay whole."""
         hint = "".join(f" {part}" for part in (exc.hint, hint) if part)
-        self.say(f"error: {one_line(str(exc), self.secrets, LINE_CHARS - len('error: ') - len(hint))}"
-                 f"{hint}")
+        self.say(f"error: {one_line(str(exc), self.secrets, LINE_CHARS - 7 - len(hint))}{hint}")
 
     def start_spinner(self) -> None:
         if self.stderr_tty and not self.spinner:
@@ -350,24 +330,21 @@ class Env:
             self.spinner = None
 
 
-# Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost
-# about a seventh of chat.py's start-up.
+# Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
+# a seventh of chat.py's start-up.
 
 
 class Server:
     """Where requests go and how: the base URL, the key, how long to wait and how often to try;
-    and where the URL and key came from, for the rule that a key goes where its owner sent it."""
+    whether .env chose the URL or the key (a key goes only where its owner sent it); and the
+    model the environment or .env names."""
 
     def __init__(self, base_url: str, key: str = "", timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, url_from_dotenv: bool = False,
                  key_from_dotenv: bool = False, model: str = ""):
-        self.base_url = base_url
-        self.key = key
-        self.timeout = timeout
-        self.retries = retries
-        self.url_from_dotenv = url_from_dotenv
-        self.key_from_dotenv = key_from_dotenv
-        self.model = model  # OPENAI_MODEL, from the environment or .env
+        self.base_url, self.key, self.timeout, self.retries = base_url, key, timeout, retries
+        self.url_from_dotenv, self.key_from_dotenv = url_from_dotenv, key_from_dotenv
+        self.model = model
 
     @property
     def host(self) -> str:
@@ -375,25 +352,18 @@ class Server:
 
 
 class Settings:
-    """What the user asked for, apart from the question: the request body's fields and how
-    to show the reply."""
+    """What the user asked for besides the question: the body's fields and how to show the reply."""
 
     def __init__(self, model: str, system: str | None = None, temperature: float | None = None,
                  max_tokens: int | None = None, reasoning_effort: str | None = None,
                  options: list[tuple[str, object]] = (), schema: dict | None = None,
                  stream: bool = False, usage: bool = False, show_reasoning: bool = False,
                  verbose: bool = False):
-        self.model = model
-        self.system = system
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.reasoning_effort = reasoning_effort
+        self.model, self.system, self.temperature = model, system, temperature
+        self.max_tokens, self.reasoning_effort = max_tokens, reasoning_effort
         self.options = options  # -o KEY VALUE pairs, applied last
         self.schema = schema  # --schema's JSON Schema
-        self.stream = stream
-        self.usage = usage
-        self.show_reasoning = show_reasoning
-        self.verbose = verbose
+        self.stream, self.usage, self.show_reasoning, self.verbose = stream, usage, show_reasoning, verbose
 
 
 class Reply:
@@ -401,13 +371,12 @@ class Reply:
     why it stopped, the token usage, the model it names, how many choices it sent."""
 
     def __init__(self, streamed: bool = False):
-        self.text = ""
-        self.reasoning = ""
+        self.text = self.reasoning = ""
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.model: str | None = None
         self.choices = 1
-        self.tool_calls: dict[int, dict] = {}  # index -> {"name": ..., "arguments": ...}
+        self.tool_calls: dict[int, dict] = {}  # index -> {"id", "name", "pieces" of the arguments}
         self.size = 0  # characters of text, reasoning and tool-call arguments held
         self.streamed = streamed
         self.done = False  # the stream said [DONE]
@@ -417,10 +386,7 @@ class Conversation:
     """A conversation's turns so far, and the file the next one is appended to."""
 
     def __init__(self, folder: str, name: str, turns: list[dict] | None = None, save: bool = True):
-        self.folder = folder
-        self.name = name
-        self.turns = turns or []
-        self.save = save
+        self.folder, self.name, self.turns, self.save = folder, name, turns or [], save
 
     @property
     def path(self) -> str:
@@ -428,16 +394,13 @@ class Conversation:
 
 
 class Chat:
-    """What every question of a run shares: its surroundings, the server, the settings, the
-    conversation and the HTTP session."""
+    """What every question of a run shares: the surroundings, server, settings, conversation
+    and HTTP session."""
 
     def __init__(self, env: Env, server: Server, settings: Settings, conversation: Conversation,
                  session=None):
-        self.env = env
-        self.server = server
-        self.settings = settings
-        self.conversation = conversation
-        self.session = session
+        self.env, self.server, self.settings = env, server, settings
+        self.conversation, self.session = conversation, session
 
 
 # ------------------------------------------------------------------ builders
@@ -451,8 +414,7 @@ def is_openai_host(base_url: str) -> bool:
     """OpenAI's own hosts and Azure's, which need a key and reject max_tokens."""
     host = urlsplit(base_url).hostname or ""
     return host == "api.openai.com" or host.endswith(
-        (".api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com",
-         ".services.ai.azure.com"))
+        (".api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"))
 
 
 def max_tokens_field(base_url: str) -> str:
@@ -468,14 +430,13 @@ def api_url(base_url: str, path: str) -> str:
 
 def public_url(base_url: str) -> str:
     """base_url without user, password or query: what may be written to a file."""
-    parts = urlsplit(base_url)
-    return f"{parts.scheme}://{host_of(base_url)}{parts.path}"
+    return f"{urlsplit(base_url).scheme}://{host_of(base_url)}{urlsplit(base_url).path}"
 
 
 def is_loopback(host: str | None) -> bool:
     import ipaddress
 
-    if host in ("localhost", None) or host.endswith(".localhost"):
+    if host is None or host == "localhost" or host.endswith(".localhost"):
         return host is not None
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -495,8 +456,8 @@ def read_limited(file, source: str) -> bytes:
     """All of a file or stream up to MAX_INPUT bytes; beyond that a usage error, read no further."""
     data = file.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:
-        raise UsageError(f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no "
-                         "further", hint="(send a part of it)")
+        raise UsageError(f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no further",
+                         hint="(send a part of it)")
     return data
 
 
@@ -512,12 +473,10 @@ def decode_utf8(data: bytes, source: str, env: Env) -> str:
 
 
 def read_piped_stdin(env: Env) -> str | None:
-    """All of stdin when it is not a terminal, as UTF-8 (undecodable bytes replaced)."""
+    """All of stdin when it is not a terminal, as UTF-8; None on a terminal."""
     if env.stdin is None:  # started with stdin closed
         return ""
-    if env.stdin_tty:
-        return None
-    return decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
+    return None if env.stdin_tty else decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
 
 
 def read_text_file(path: str, env: Env) -> str:
@@ -536,8 +495,7 @@ def read_text_file(path: str, env: Env) -> str:
 
 def file_block(path: str, text: str) -> str:
     """The path, then the text in a code fence longer than any run of backticks inside it."""
-    longest = max(map(len, re.findall("`+", text)), default=0)
-    fence = "`" * max(3, longest + 1)
+    fence = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
     if text and not text.endswith("\n"):
         text += "\n"
     return f"{path}\n{fence}\n{text}{fence}"
@@ -547,11 +505,9 @@ def build_user_message(question: str, image_urls: list[str], detail: str | None)
     """The user message: plain text, or a text part followed by one part per image."""
     if not image_urls:
         return {"role": "user", "content": question}
-    parts = [{"type": "text", "text": question}]
-    for url in image_urls:
-        image = drop_nones({"url": url, "detail": detail})
-        parts.append({"type": "image_url", "image_url": image})
-    return {"role": "user", "content": parts}
+    images = [{"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}
+              for url in image_urls]
+    return {"role": "user", "content": [{"type": "text", "text": question}, *images]}
 
 
 def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
@@ -570,10 +526,10 @@ def schema_format(schema: dict) -> dict:
 
 
 def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
-    """The same request with response_format {"type": "json_object", "schema": ...}, the form
-    llama-cpp-python takes, when body asks for --schema's json_schema; else None."""
+    """The request again with response_format {"type": "json_object", "schema": ...}, the form
+    llama-cpp-python takes; None without --schema, or when -o replaced its response_format."""
     if not schema or body.get("response_format") != schema_format(schema):
-        return None  # no --schema, or -o response_format replaced it
+        return None
     return {**body, "response_format": {"type": "json_object", "schema": schema}}
 
 
@@ -628,25 +584,22 @@ def short_schema(spec: str) -> dict:
                              "'name type' or 'name type: description'")
         name, kind = words[0], words[1].lower() if len(words) == 2 else "str"
         if kind not in SHORT_TYPES:
-            raise UsageError(f"--schema: {name} has the unknown type {kind!r}: use str, int, "
-                             "float or bool")
+            raise UsageError(f"--schema: {name} has the unknown type {kind!r}: use str, int, float or bool")
         if name in fields:
             raise UsageError(f"--schema: the field {name} is named twice")
         fields[name] = drop_nones({"type": SHORT_TYPES[kind], "description": description.strip() or None})
-    return {"type": "object", "properties": fields, "required": list(fields),
-            "additionalProperties": False}
+    return {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
 
 
 def parse_schema(spec: str, env: Env) -> dict:
     """--schema SPEC as a JSON Schema: inline JSON, @file.json, or the short form."""
+    text = spec
     if spec.startswith("@"):
         try:
             with open(env.path(spec[1:]), "rb") as file:
                 text = decode_utf8(read_limited(file, spec[1:]), spec[1:], env)
         except OSError as exc:
             raise UsageError(f"cannot read the schema {spec[1:]}: {exc.strerror or exc}") from None
-    else:
-        text = spec
     if not text.lstrip().startswith(("{", "[")):
         return short_schema(text)
     try:
@@ -669,11 +622,8 @@ def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     if detail == "low":
         scale = min(1.0, LOW_DETAIL_BOX / width, LOW_DETAIL_BOX / height)
     else:
-        scale = min(
-            1.0,
-            HIGH_DETAIL_LONG_SIDE / max(width, height),
-            (HIGH_DETAIL_PIXELS / (width * height)) ** 0.5,
-        )
+        scale = min(1.0, HIGH_DETAIL_LONG_SIDE / max(width, height),
+                    (HIGH_DETAIL_PIXELS / (width * height)) ** 0.5)
     if scale >= 1.0:
         return size
     # The epsilon keeps 6000x4000 at exactly 1536x1024 despite float rounding;
@@ -696,27 +646,17 @@ def why_not_as_is(image) -> str | None:
 
 
 def shrink_image(image, detail: str | None):
-    """Downscale (never upscale) to fit_size, working in the stored orientation so that
-    the image shown after the EXIF rotation is the size fit_size chose."""
+    """Downscale (never upscale) to fit_size, working in the stored orientation so that the
+    image shown after the EXIF rotation is the size fit_size chose."""
     from PIL import Image
 
-    orientation = image.getexif().get(0x0112, 1)
-    turned = orientation in (5, 6, 7, 8)  # these orientations swap width and height
-    shown_size = image.size[::-1] if turned else image.size
-    target = fit_size(shown_size, detail)
+    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # these orientations swap the sides
+    target = fit_size(image.size[::-1] if turned else image.size, detail)
     stored_target = target[::-1] if turned else target
     if stored_target != image.size:
-        # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target.
-        image.draft(None, stored_target)
+        image.draft(None, stored_target)  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
         image = image.resize(stored_target, Image.Resampling.BICUBIC)
     return image
-
-
-def has_transparency(image) -> bool:
-    if "A" not in image.getbands() and "transparency" not in image.info:
-        return False
-    alpha = image.convert("RGBA").getchannel("A")
-    return alpha.getextrema()[0] < 255
 
 
 def encode_image(image) -> tuple[str, bytes]:
@@ -724,9 +664,10 @@ def encode_image(image) -> tuple[str, bytes]:
     import io
 
     buffer = io.BytesIO()
-    if has_transparency(image):
-        image.convert("RGBA").save(buffer, "PNG")
-        return "image/png", buffer.getvalue()
+    if "A" in image.getbands() or "transparency" in image.info:
+        if image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+            image.convert("RGBA").save(buffer, "PNG")
+            return "image/png", buffer.getvalue()
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         image = image.convert("I")
@@ -801,21 +742,18 @@ def bearer_auth(key: str):
     return add_authorization
 
 
-def same_origin(url: str, other: str) -> bool:
-    def origin(parts):
-        return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
-    return origin(urlsplit(url)) == origin(urlsplit(other))
-
-
 def refuse_other_origins(response, **_) -> None:
     """A requests response hook: a redirect is followed only to the same scheme, host and port,
     so the question (and the key) never go where the user did not send them."""
     from urllib.parse import urljoin
 
+    def origin(url: str) -> tuple:
+        parts = urlsplit(url)
+        return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
     if response.is_redirect:
         target = urljoin(response.url, response.headers["location"])
-        if not same_origin(target, response.url):
+        if origin(target) != origin(response.url):
             response.close()
             raise ApiError(f"the server redirected the request to {shown_url(target)}; chat.py "
                            f"follows redirects only within {host_of(response.url)}")
@@ -823,9 +761,7 @@ def refuse_other_origins(response, **_) -> None:
 
 def mask_key(key: str) -> str:
     """What the verbose trace shows of a key: its sk- prefix and at most the last 4 characters."""
-    prefix = "sk-" if key.startswith("sk-") else ""
-    tail = key[-4:] if len(key) >= 16 else ""
-    return f"{prefix}…{tail}"
+    return ("sk-" if key.startswith("sk-") else "") + "…" + (key[-4:] if len(key) >= 16 else "")
 
 
 def cut_strings(value):
@@ -855,10 +791,8 @@ def pretty_body(body: bytes | str) -> str:
 def status_reason(response) -> str:
     import http
 
-    if response.reason:
-        return response.reason
     try:
-        return http.HTTPStatus(response.status_code).phrase
+        return response.reason or http.HTTPStatus(response.status_code).phrase
     except ValueError:
         return ""
 
@@ -867,9 +801,7 @@ class Trace:
     """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
 
     def __init__(self, env: Env, key: str):
-        self.env = env
-        self.key = key
-        self.started = time.perf_counter()
+        self.env, self.key, self.started = env, key, time.perf_counter()
 
     def write(self, prefix: str, text: str) -> None:
         for line in re.split(r"\r?\n", text):  # not splitlines(): a lone \r or \x85 is shown
@@ -877,8 +809,7 @@ class Trace:
 
     def exchange(self, response) -> None:
         """The request as sent, then the response's status line and headers."""
-        request = response.request
-        url = urlsplit(request.url)
+        request, url = response.request, urlsplit(response.request.url)
         path = url.path + (f"?{url.query}" if url.query else "")
         self.write("> ", f"{request.method} {path} HTTP/1.1\nHost: {host_of(request.url)}")
         for name, value in request.headers.items():
@@ -891,9 +822,7 @@ class Trace:
         version = {10: "1.0", 11: "1.1", 20: "2"}.get(response.raw.version, "1.1")
         self.write("< ", f"HTTP/{version} {response.status_code} {status_reason(response)}")
         for name, value in response.headers.items():
-            if name.lower() == "set-cookie":
-                value = value.split("=", 1)[0] + "=…"
-            self.write("< ", f"{name}: {value}")
+            self.write("< ", f"{name}: {value.split('=', 1)[0] + '=…' if name.lower() == 'set-cookie' else value}")
         self.write("< ", "")
         self.write("* ", f"time to first byte: {response.elapsed.total_seconds():.3f} s")
 
@@ -907,8 +836,7 @@ class Trace:
     def summary(self, usage: dict | None) -> None:
         self.write("* ", f"total time: {time.perf_counter() - self.started:.3f} s")
         if isinstance(usage, dict):
-            counts = ", ".join(f"{name} {value}" for name, value in usage.items()
-                               if isinstance(value, int))
+            counts = ", ".join(f"{name} {value}" for name, value in usage.items() if isinstance(value, int))
             self.write("* ", f"tokens: {counts}")
 
 
@@ -927,14 +855,6 @@ def innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def root_cause(exc: BaseException) -> str:
-    """The innermost error's message: "Connection refused", not urllib3's wrapping of it."""
-    exc = innermost(exc)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
-
-
 def chat_error(exc: Exception, server: Server) -> ChatError:
     """What a failure raised by requests or urllib3 means: the exit code, a one-line message,
     and whether another try could fix it. Connect timeouts, refused or reset connections and
@@ -945,8 +865,8 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
     import requests
     import urllib3
 
-    errors, host, cause = urllib3.exceptions, server.host, root_cause(exc)
-    inner = innermost(exc)
+    errors, host, inner = urllib3.exceptions, server.host, innermost(exc)
+    cause = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner) or type(inner).__name__
     if isinstance(exc, requests.ConnectTimeout):
         return TimedOut(f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
                         retryable=True)
@@ -974,11 +894,9 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
 
 
 def iter_body(response, server: Server):
-    """Yield the body's bytes as soon as they arrive, chunked or not, decompressed.
-
-    Reads urllib3's response directly: iter_content(chunk_size=None) would wait for the whole
-    body when it is not chunked. Each read is at most READ_SIZE bytes, after decompression too.
-    """
+    """Yield the body's bytes as they arrive, chunked or not, decompressed, at most READ_SIZE
+    at a time. Reads urllib3's response directly: iter_content(chunk_size=None) would wait
+    for the whole body when it is not chunked."""
     import urllib3
 
     raw = response.raw
@@ -1002,9 +920,9 @@ def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
         for chunk in iter_body(response, server):
             chunks.append(chunk)
             size += len(chunk)
+            if size > limit and limit == MAX_ERROR_BODY:
+                break
             if size > limit:
-                if limit == MAX_ERROR_BODY:
-                    break
                 raise ApiError(f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
                                "chat.py reads no further")
     finally:
@@ -1017,9 +935,7 @@ def text_snippet(data: bytes | str) -> str:
     text = data[: 64 * 1024]
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
-    if title:
-        text = title.group(1)
-    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", text, flags=re.I | re.S)
+    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S)
     return " ".join(text.split())
 
 
@@ -1033,19 +949,17 @@ def parse_json(data: bytes | str, what: str):
 
 def error_message(payload) -> str:
     """The provider's message in an error body of any shape: {"error": {"message"}},
-    {"error": "text"}, a top-level "message", FastAPI's "detail" (text or a list of {"msg"}),
-    or a JSON array of those (Gemini)."""
+    {"error": "text"}, a top-level "message", FastAPI's "detail" (text, or items with "loc"
+    and "msg"), or a JSON array of those (Gemini)."""
     if isinstance(payload, str):
         return payload
     if isinstance(payload, list):
         return "; ".join(filter(None, (error_message(item) for item in payload[:5])))
-    if isinstance(payload, dict) and isinstance(payload.get("loc"), list):  # FastAPI's detail items
+    if isinstance(payload, dict) and isinstance(payload.get("loc"), list):
         return f"{'.'.join(map(str, payload['loc']))}: {error_message(payload.get('msg'))}"
-    if isinstance(payload, dict):
-        for field in ("error", "message", "detail", "msg"):
-            message = error_message(payload.get(field))
-            if message:
-                return message
+    for field in ("error", "message", "detail", "msg") if isinstance(payload, dict) else ():
+        if message := error_message(payload.get(field)):
+            return message
     return ""
 
 
@@ -1075,49 +989,41 @@ def clock_after(seconds: float) -> str:
 
 
 def api_error(response, body: bytes) -> ApiError:
-    """An ApiError for an HTTP error status, saying what the server said and whether to retry."""
-    code = response.status_code
+    """An ApiError for an HTTP error status: what the server said, whether and when to retry,
+    whether the request overflowed the context, and for a 404 where it went."""
+    code, text = response.status_code, body.decode("utf-8", "replace")
     status = f"HTTP {code} {status_reason(response)}".strip()
     try:
-        payload = json.loads(body)
+        message = error_message(json.loads(body)) or text_snippet(body)
     except (ValueError, RecursionError):
-        payload = None
-    message = error_message(payload) or text_snippet(body)
-    text = f"{status}: {message}" if message and message.lower() not in status.lower() else status
-    error = payload.get("error") if isinstance(payload, dict) else None
-    if isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type")):
-        return ApiError(text, code, brief=f"HTTP {code}",
-                        hint="(the account is out of quota: add credit, retrying will not help)")
-    hint = ""
-    if code == 404:
-        url = urlsplit(response.url)
-        hint = f"({response.request.method} {shown_url(response.url)}"
-        if url.path in ("/chat/completions", "/models"):  # the base URL has no path
-            hint += f": the base URL has no path; try --base-url {url.scheme}://{url.netloc}/v1)"
-        elif url.path.endswith("/models"):
-            hint += ": this server lists no models)"
-        else:
-            hint += ": check --base-url, and --model against what python chat.py --models lists)"
+        message = text_snippet(body)
+    message = f"{status}: {message}" if message and message.lower() not in status.lower() else status
+    details = {"brief": f"HTTP {code}", "overflow": bool(CONTEXT_OVERFLOW.search(text))}
+    if "insufficient_quota" in text:
+        return ApiError(message, code, hint="(the account is out of quota: add credit, retrying will "
+                                            "not help)", **details)
+    hint, url = "", urlsplit(response.url)
+    if code == 404 and url.path in ("/chat/completions", "/models"):
+        hint = (f"({response.request.method} {shown_url(response.url)}: the base URL has no path; try "
+                f"--base-url {shown_url(f'{url.scheme}://{url.netloc}/v1')})")
+    elif code == 404:
+        advice = ("this server lists no models" if url.path.endswith("/models") else
+                  "check --base-url, and --model against what python chat.py --models lists")
+        hint = f"({response.request.method} {shown_url(response.url)}: {advice})"
     should_retry = response.headers.get("x-should-retry", "").lower()
-    if should_retry in ("true", "false"):
-        retryable = should_retry == "true"
-    else:
-        retryable = code in RETRY_STATUSES or code >= 500
+    retryable = (should_retry == "true" if should_retry in ("true", "false")
+                 else code in RETRY_STATUSES or code >= 500)
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
-        return ApiError(text, code, brief=f"HTTP {code}", hint=f"(the server asks to wait {wait:.0f} s: "
-                                                       f"try again after {clock_after(wait)})")
-    overflow = bool(CONTEXT_OVERFLOW.search(body.decode("utf-8", "replace")))
-    return ApiError(text, code, overflow, brief=f"HTTP {code}", hint=hint, retryable=retryable,
-                    retry_after=wait)
+        hint, retryable = f"(the server asks to wait {wait:.0f} s: try again after {clock_after(wait)})", False
+    return ApiError(message, code, hint=hint, retryable=retryable, retry_after=wait, **details)
 
 
 def backoff_delay(attempt: int, rand=None) -> float:
     """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
     import random
 
-    delay = min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY)
-    return delay * (1 - 0.25 * (rand or random.random)())
+    return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * (rand or random.random)())
 
 
 def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
@@ -1127,31 +1033,19 @@ def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
     return error.retry_after if error.retry_after is not None else backoff_delay(attempt)
 
 
-def is_event_stream(response, asked: bool) -> bool:
-    """Whether the body is Server-Sent Events: what its Content-Type says, else what we asked for.
-    (Some servers answer a streaming request with one JSON reply, or the other way round.)"""
-    content_type = response.headers.get("Content-Type", "")
-    if "text/event-stream" in content_type:
-        return True
-    return asked and "json" not in content_type
-
-
 def send(session, server: Server, path: str, body: dict | None, trace: Trace | None):
     """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400."""
     import requests
 
     try:
         response = session.request(
-            "GET" if body is None else "POST",
-            api_url(server.base_url, path),
-            json=body,
+            "GET" if body is None else "POST", api_url(server.base_url, path), json=body,
             headers={"User-Agent": USER_AGENT},
             # without a key, a user and password in the base URL go as Basic auth, as in curl
             auth=None if not server.key and urlsplit(server.base_url).username else bearer_auth(server.key),
             timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
-            stream=True,  # return at the headers; the body is read by the caller
-            hooks={"response": refuse_other_origins},
-        )
+            stream=True,  # return at the headers; the caller reads the body
+            hooks={"response": refuse_other_origins})
     except requests.RequestException as exc:
         raise chat_error(exc, server) from None
     if trace:
@@ -1166,19 +1060,23 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
 
 def call(session, server: Server, path: str, body: dict | None, read, env: Env,
          trace: Trace | None = None, fallback: dict | None = None):
-    """Send body to path and return read(response, streamed), retrying what a retry can fix
-    (read marks what it has shown as no longer retryable). A fallback body is sent once, at
-    once, when the server rejects the first one's response_format."""
+    """Send body to path and return read(response, streamed): streamed says the body is
+    Server-Sent Events (whatever was asked: some servers answer otherwise). Retry what a retry
+    can fix (read marks a failure after shown text as not retryable). A fallback body is sent
+    once, at once, when the server rejects the first one's response_format."""
     attempt, rejected = 0, None
     while True:
         try:
             response = send(session, server, path, body, trace)
-            return read(response, is_event_stream(response, asked=bool(body and body.get("stream"))))
+            content_type = response.headers.get("Content-Type", "")
+            streamed = "text/event-stream" in content_type or (
+                bool(body and body.get("stream")) and "json" not in content_type)
+            return read(response, streamed)
         except ChatError as error:
             rejection = isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error))
             if fallback and rejection:
                 if trace:
-                    trace.write("* ", "the server rejects this response_format; sending it as "
+                    trace.write("* ", 'the server rejects this response_format; sending it as '
                                       '{"type": "json_object", "schema": ...}')
                 body, fallback, rejected = fallback, None, error
                 continue
@@ -1197,21 +1095,18 @@ def call(session, server: Server, path: str, body: dict | None, read, env: Env,
 
 def message_text(content) -> str | None:
     """Text from a message's content: a string, or a list of text parts."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):
-        texts = [part.get("text") for part in content if isinstance(part, dict)]
-        return "".join(text for text in texts if isinstance(text, str))
-    return None
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return content if isinstance(content, str) else None
 
 
 def reasoning_text(message: dict) -> str:
     """A message's or delta's reasoning: reasoning_content (DeepSeek, llama.cpp), else
     reasoning (vLLM, Ollama, OpenRouter)."""
     for name in ("reasoning_content", "reasoning"):
-        value = message.get(name)
-        if isinstance(value, str) and value:
-            return value
+        if isinstance(message.get(name), str) and message[name]:
+            return message[name]
     return ""
 
 
@@ -1258,16 +1153,20 @@ def after_text(text: str, calls: str) -> str:
     return ("\n" if calls and text and not text.endswith("\n") else "") + calls
 
 
-def read_reply(response, server: Server, trace: Trace | None) -> Reply:
-    """The reply of a non-streamed completion."""
+def read_json(response, server: Server, trace: Trace | None):
     data = read_body(response, server)
     if trace:
         trace.body(data)
-    payload = parse_json(data, "the server's reply")
+    return parse_json(data, "the server's reply")
+
+
+def read_reply(response, server: Server, trace: Trace | None) -> Reply:
+    """The reply of a non-streamed completion."""
+    payload = read_json(response, server, trace)
     if not isinstance(payload, dict):
         raise ApiError("unexpected reply from the server: not a JSON object")
     if "error" in payload and "choices" not in payload:
-        raise ApiError(f"the server reported an error: {error_message(payload) or text_snippet(data)}")
+        raise ApiError(f"the server reported an error: {error_message(payload) or json.dumps(payload)}")
     choices = payload.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         raise ApiError("unexpected reply from the server: no choices")
@@ -1284,47 +1183,37 @@ def read_reply(response, server: Server, trace: Trace | None) -> Reply:
         text = message_text(message.get("refusal"))
     if text is None and not reply.tool_calls and reply.finish_reason != "length":
         raise ApiError("unexpected reply from the server: the message has no text")
-    text = text or ""
-    calls = tool_call_lines(reply.tool_calls)
+    text, calls = text or "", tool_call_lines(reply.tool_calls)
     reply.text = text + after_text(text, calls)
     return reply
 
 
 def read_models(response, server: Server, trace: Trace | None) -> list[str]:
     """The model ids of a GET /models reply, sorted."""
-    data = read_body(response, server)
-    if trace:
-        trace.body(data)
-    payload = parse_json(data, "the server's reply")
+    payload = read_json(response, server, trace)
     models = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(models, list):
         raise ApiError("unexpected reply from the server: no list of models ('data')")
-    return sorted(model["id"] for model in models
-                  if isinstance(model, dict) and isinstance(model.get("id"), str))
+    return sorted(model["id"] for model in models if isinstance(model, dict) and isinstance(model.get("id"), str))
 
 
 class SSEDecoder:
     """A Server-Sent Events parser (WHATWG HTML, "Server-sent events"), fed bytes as they arrive.
 
-    Lines end with CRLF, LF or CR; a blank line dispatches the event; a line
-    starting with ":" is a comment; "field: value" loses one space after the
-    colon; several data lines join with "\\n"; an event cut off by the end of
-    the stream is dropped. Lines are split as bytes before decoding, so a
-    character split across reads stays whole, and U+2028 inside the JSON is not
-    taken for a line break. A line still open is kept as a list of pieces and joined
-    once it ends, so a long line costs time in proportion to its length; a line or
-    event over MAX_REPLY bytes is an error.
+    Lines end with CRLF, LF or CR; a blank line dispatches the event; a line starting with ":"
+    is a comment; "field: value" loses one space after the colon; several data lines join with
+    "\\n"; an event cut off by the end of the stream is dropped. Lines are split as bytes before
+    decoding, so a character split across reads stays whole, and U+2028 inside the JSON is no
+    line break. A line still open is kept in pieces, joined once it ends, so a long line costs
+    time in proportion to its length; a line or an event over MAX_REPLY bytes is an error.
     """
 
     def __init__(self, on_line=None):
         self.on_line = on_line  # called with each raw line, for the -v trace
         self.pending: list[bytes] = []  # the pieces of a line not yet ended
-        self.pending_size = 0
-        self.started = False
-        self.after_cr = False
-        self.event = ""
-        self.data: list[str] = []
-        self.data_size = 0
+        self.pending_size = self.data_size = 0
+        self.started = self.after_cr = False
+        self.event, self.data = "", []
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """Take the next bytes of the stream; return the (event, data) pairs they complete."""
@@ -1334,15 +1223,13 @@ class SSEDecoder:
             return []
         self.after_cr = chunk.endswith(b"\r")
         if b"\n" not in chunk and b"\r" not in chunk:
-            self.pending_size += len(chunk)
-            if self.pending_size > MAX_REPLY:
-                raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
             self.pending.append(chunk)
+            self.pending_size += len(chunk)
+            self.check_size(self.pending_size)
             return []
         data = b"".join(self.pending) + chunk if self.pending else chunk
         lines = data.splitlines()  # at LF, CRLF and CR only: str.splitlines() knows more breaks
-        unfinished = lines and not data.endswith((b"\n", b"\r"))
-        last = lines.pop() if unfinished else b""
+        last = lines.pop() if lines and not data.endswith((b"\n", b"\r")) else b""
         self.pending, self.pending_size = ([last], len(last)) if last else ([], 0)
         if lines and not self.started:
             self.started = True
@@ -1362,12 +1249,16 @@ class SSEDecoder:
                 if field == "data":
                     self.data.append(value)
                     self.data_size += len(value)
-                    if self.data_size > MAX_REPLY:
-                        raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
+                    self.check_size(self.data_size)
                 elif field == "event":
                     self.event = value
                 # "id" and "retry" only matter to a client that reconnects; this one does not.
         return events
+
+    @staticmethod
+    def check_size(size: int) -> None:
+        if size > MAX_REPLY:
+            raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
 
 
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
@@ -1385,7 +1276,7 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         reply.usage = chunk["usage"]
     if not reply.model and isinstance(chunk.get("model"), str):
         reply.model = chunk["model"]
-    text, reasoning = "", ""
+    text = reasoning = ""
     choices = chunk.get("choices")
     for choice in choices if isinstance(choices, list) else ():
         if not isinstance(choice, dict):
@@ -1394,14 +1285,12 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         if index != 0:  # -o n 3: only the first answer is shown
             reply.choices = max(reply.choices, index + 1 if isinstance(index, int) else 2)
             continue
-        if choice.get("finish_reason"):
-            reply.finish_reason = choice["finish_reason"]
+        reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
         content = delta.get("content") or delta.get("refusal")
-        text = content if isinstance(content, str) else ""
-        reasoning = reasoning_text(delta)
+        text, reasoning = content if isinstance(content, str) else "", reasoning_text(delta)
         added = add_tool_calls(reply.tool_calls, delta["tool_calls"]) if delta.get("tool_calls") else 0
         reply.size += len(text) + len(reasoning) + added
     return text, reasoning
@@ -1413,8 +1302,7 @@ class Output:
     a spinner counting the wait. finish() ends it all, whatever happened."""
 
     def __init__(self, env: Env, show_reasoning: bool, spin: bool):
-        self.env = env
-        self.show_reasoning = show_reasoning
+        self.env, self.show_reasoning = env, show_reasoning
         self.text_end: str | None = None  # the last character on stdout; None before any
         self.reasoning_end: str | None = None  # the same for reasoning being shown on stderr
         self.held_cr = ""  # a terminal's "\r" at the end of a delta waits: the next may be "\n"
@@ -1483,8 +1371,7 @@ class Output:
 def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
     """Show a streamed reply as it arrives, and return it whole. Keep-alives alone for
     --timeout seconds are a timeout; more than MAX_REPLY characters is an error."""
-    reply = Reply(streamed=True)
-    texts, thoughts = [], []
+    reply, texts, thoughts = Reply(streamed=True), [], []
     decoder = SSEDecoder(trace.sse_line if trace else None)
     last_data = time.monotonic()
     try:
@@ -1511,12 +1398,11 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                 break
             if reply.size > MAX_REPLY:
                 raise ApiError(f"the streamed reply passed {MAX_REPLY // 2**20} MiB; chat.py stopped there")
-            now = time.monotonic()
             if fresh:
-                last_data = now
-            elif now - last_data > server.timeout:
-                raise TimedOut(f"{server.host} sent no data for {server.timeout:g} s, only "
-                               "keep-alives (--timeout)")
+                last_data = time.monotonic()
+            elif time.monotonic() - last_data > server.timeout:
+                raise TimedOut(f"{server.host} sent no data for {server.timeout:g} s, only keep-alives "
+                               "(--timeout)")
     except ChatError as error:
         error.retryable = error.retryable and not output.started
         raise
@@ -1565,8 +1451,7 @@ def usage_line(usage) -> str:
     counts = [f"{usage['prompt_tokens']} in", f"{usage['completion_tokens']} out"]
     for group, name, label in (("prompt_tokens_details", "cached_tokens", "cached"),
                                ("completion_tokens_details", "reasoning_tokens", "reasoning")):
-        value = token_detail(usage, group, name)
-        if value is not None:
+        if (value := token_detail(usage, group, name)) is not None:
             counts.append(f"{value} {label}")
     return "usage: " + ", ".join(counts)
 
@@ -1577,13 +1462,12 @@ def check_json_reply(text: str, schema: dict) -> None:
         value = json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise ApiError(f"the reply is not the JSON --schema asked for: {exc}") from None
-    required = schema.get("required")
-    missing = [name for name in required if isinstance(name, str)] if isinstance(required, list) else []
-    if isinstance(value, dict):
-        missing = [name for name in missing if name not in value]
+    required = schema.get("required") if isinstance(schema.get("required"), list) else []
+    missing = [name for name in required if isinstance(name, str)
+               and not (isinstance(value, dict) and name in value)]
     if missing:
-        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
-                       f"{', '.join(missing)} that --schema asked for")
+        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                       "that --schema asked for")
 
 
 # ------------------------------------------------------------ saved conversations
@@ -1613,8 +1497,7 @@ def check_folder(folder: str) -> None:
     if info.st_uid != os.getuid():
         raise UsageError(f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
                          "keeps conversations only in a folder of your own",
-                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; or set "
-                              "CHAT_PY_HOME)")
+                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; or set CHAT_PY_HOME)")
     if info.st_mode & 0o022:
         raise UsageError(f"the folder {folder} is writable by others, who could plant files there",
                          hint=f"(chmod 700 {shlex.quote(folder)} fixes it)")
@@ -1634,14 +1517,22 @@ def make_folder(folder: str) -> None:
         os.chmod(path, 0o700)
 
 
-def open_private(path: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
-    """A file descriptor for a file in the state folder, never through a symbolic link and
-    only for a regular file (a link or a device planted there would redirect the read or write)."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode)
+def open_private(path: str, flags: int = os.O_RDONLY) -> int:
+    """A file descriptor for a regular file in the state folder, never through a symbolic link
+    (a link or a device planted there would redirect the read or write)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise IsADirectoryError(0, "not a regular file")
     return fd
+
+
+def read_private(path: str) -> bytes:
+    try:
+        with open(open_private(path), "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def check_name(name: str) -> str:
@@ -1663,30 +1554,28 @@ def new_name(folder: str) -> str:
 
 def not_a_file(path: str) -> str | None:
     """Why a conversation file cannot be used (a link, a folder, a device), or None."""
-    info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode):
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
         return "is a symbolic link, which chat.py does not follow"
-    return None if stat.S_ISREG(info.st_mode) else "is not a regular file"
+    return None if stat.S_ISREG(mode) else "is not a regular file"
 
 
 def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
-    """(modification time, name) of each saved conversation, the newest first; a link or
-    anything else that is not a regular file is skipped with a warning."""
+    """(modification time, name) of each saved conversation, the newest first; anything else
+    named *.jsonl (a link, a folder) is skipped with a warning."""
     check_folder(folder)
     try:
-        entries = list(os.scandir(folder))
+        entries = [entry for entry in os.scandir(folder) if entry.name.endswith(".jsonl")]
     except FileNotFoundError:
         return []
     except OSError as exc:
         raise UsageError(f"cannot read the conversations in {folder}: {exc.strerror}") from None
     found = []
     for entry in entries:
-        if not entry.name.endswith(".jsonl"):
-            continue
-        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+        if entry.is_file(follow_symlinks=False):
+            found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name.removesuffix(".jsonl")))
+        else:
             env.warn(f"skipped {entry.path}: {not_a_file(entry.path)}")
-            continue
-        found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name.removesuffix(".jsonl")))
     return sorted(found, reverse=True)
 
 
@@ -1711,21 +1600,11 @@ def newest_conversation(folder: str, env: Env) -> str:
     return saved[0][1]
 
 
-def read_private(path: str) -> bytes:
-    try:
-        fd = open_private(path)
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    with open(fd, "rb") as file:
-        return file.read()
-
-
 def load_turns(path: str, env: Env) -> list[dict]:
     """The turns of a saved conversation. A line that is not a turn (a torn write, a bad hand
     edit) is skipped with a warning; a retried turn replaces the one before it."""
     turns = []
-    # split at b"\n" only: U+2028 in a reply is no line break
-    for number, line in enumerate(read_private(path).split(b"\n"), 1):
+    for number, line in enumerate(read_private(path).split(b"\n"), 1):  # U+2028 is no line break
         if not line.strip():
             continue
         try:
@@ -1756,9 +1635,9 @@ def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: En
 
 
 def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]) -> None:
-    """Append a turn as one line with one write, then fsync; files are never rewritten.
-    The folder is made 0700 and the file 0600, whatever the umask; the key is never written,
-    even when a server echoes it back."""
+    """Append a turn as one line with one write, then fsync; files are never rewritten. The
+    folder is made 0700 and the file 0600, whatever the umask; the key is never written, even
+    when a server echoes it back."""
     check_folder(conversation.folder)
     make_folder(conversation.folder)
     data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
@@ -1797,12 +1676,11 @@ def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = Fa
 def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str) -> dict:
     """A turn as it is saved: when, which model and server, the question as sent and where its
     images came from, the answer and the model that says it answered."""
-    messages = body.get("messages") or [{}]
-    system = messages[0].get("content") if messages[0].get("role") == "system" else None
+    first = body["messages"][0]
     return drop_nones({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": body.get("model"),
-        "system": system,
+        "system": first["content"] if first.get("role") == "system" else None,
         "user": user_message,
         "images": list(images) or None,
         "assistant": reply.text,
@@ -1813,72 +1691,56 @@ def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], b
     })
 
 
-def summarize(path: str) -> tuple[int, str]:
-    """A conversation's turn count and the start of its first question. Lines are counted as
-    bytes; only the first is parsed."""
-    lines = read_private(path).split(b"\n")
-    turns = sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
-    try:
-        question = message_text(json.loads(lines[0])["user"]["content"]) or ""
-    except (ValueError, KeyError, TypeError, RecursionError):
-        question = "?"
-    return turns, one_line(question, room=60)
-
-
 def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
 def list_conversations(folder: str, env: Env) -> None:
-    """--chats: one line per conversation, newest first."""
+    """--chats: one line per conversation, newest first: name, turns, last time, the start of
+    its first question. Lines are counted as bytes; only the first is parsed."""
     saved = saved_conversations(folder, env)
     if not saved:
         env.say(f"no saved conversations in {folder}")
-        return
-    width = max(len(name) for _, name in saved)
+    width = max((len(name) for _, name in saved), default=0)
     for mtime, name in saved:
-        turns, question = summarize(os.path.join(folder, f"{name}.jsonl"))
+        lines = read_private(os.path.join(folder, f"{name}.jsonl")).split(b"\n")
+        turns = sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
+        try:
+            question = one_line(message_text(json.loads(lines[0])["user"]["content"]) or "", room=60)
+        except (ValueError, KeyError, TypeError, RecursionError):
+            question = "?"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
         env.write(f"{name:<{width}}  {plural(turns, 'turn'):>9}  {when}  {question}\n")
-
-
-def local_time(stamp: str | None) -> str:
-    from datetime import datetime
-
-    try:
-        when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
-    except ValueError:
-        return str(stamp)
-    return when.astimezone().strftime("%Y-%m-%d %H:%M")
 
 
 def readable(turn: dict) -> str:
     """A turn's question as text, then an [image: ...] line per image: the file or URL it came
     from when the turn says, else its URL with Base64 elided."""
-    message = turn["user"]
-    content = message.get("content")
-    parts = content if isinstance(content, list) else []
-    images = [part.get("image_url") for part in parts
-              if isinstance(part, dict) and part.get("type") == "image_url"]
-    urls = [image.get("url") if isinstance(image, dict) else image for image in images]
-    sources = turn.get("images") if isinstance(turn.get("images"), list) else urls
-    lines = [message_text(content) or ""] + [f"[image: {elide_base64(str(source))}]" for source in sources]
-    return "\n".join(lines)
+    content = turn["user"].get("content")
+    urls = [part["image_url"] for part in content if isinstance(part, dict) and part.get("type") == "image_url"
+            ] if isinstance(content, list) else []
+    urls = [url.get("url") if isinstance(url, dict) else url for url in urls]
+    sources = turn["images"] if isinstance(turn.get("images"), list) else urls
+    return "\n".join([message_text(content) or ""] + [f"[image: {elide_base64(str(source))}]" for source in sources])
 
 
 def show_conversation(path: str, env: Env) -> None:
     """--show: the conversation for a person to read, each question and answer in order."""
-    turns = load_turns(path, env)
-    name = os.path.basename(path).removesuffix(".jsonl")
-    env.write(f"conversation {name}: {plural(len(turns), 'turn')}\n")
-    system = None
+    from datetime import datetime
+
+    turns, system = load_turns(path, env), None
+    env.write(f"conversation {os.path.basename(path).removesuffix('.jsonl')}: {plural(len(turns), 'turn')}\n")
     for turn in turns:
         if turn.get("system") != system:
             system = turn.get("system")
             env.write(f"\nsystem prompt: {system or '(none)'}\n")
-        env.write(f"\nyou, {local_time(turn.get('time'))}:\n{readable(turn)}\n")
-        speaker = turn.get("answered_by") or turn.get("model") or "assistant"
-        env.write(f"\n{speaker}:\n{turn['assistant']}\n")
+        try:
+            when = datetime.fromisoformat(str(turn.get("time")).replace("Z", "+00:00")).astimezone()
+            when = when.strftime("%Y-%m-%d %H:%M")
+        except ValueError:
+            when = str(turn.get("time"))
+        env.write(f"\nyou, {when}:\n{readable(turn)}\n")
+        env.write(f"\n{turn.get('answered_by') or turn.get('model') or 'assistant'}:\n{turn['assistant']}\n")
 
 
 def forget_conversations(paths: list[str], env: Env) -> None:
@@ -1910,19 +1772,17 @@ def number_type(convert, is_valid, wanted: str):
 
 def raise_usage_error(message: str):
     # "argument --max-tokens: must be ..." reads better as "--max-tokens must be ..."
-    message = re.sub(r"^argument (\S+): must be", r"\1 must be", message)
-    raise UsageError(f"{message} (see --help)")
+    raise UsageError(re.sub(r"^argument (\S+): must be", r"\1 must be", message) + " (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat.py", add_help=False,
-        description="Ask an OpenAI-compatible chat-completions API. With no question "
-        "on a terminal, start a conversation. Answered questions are saved: -c goes on.",
-        epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, "
-        "4 timeout, 70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY "
-        "(or .env); conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
-    )
+        description="Ask an OpenAI-compatible chat-completions API. With no question on a terminal, "
+        "start a conversation. Answered questions are saved: -c goes on.",
+        epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, "
+        "70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY (or .env); "
+        "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.")
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")
     add("-h", "--help", action="store_true", help="show this help and exit")
@@ -1930,8 +1790,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the conversation written last")
     add("--chat", metavar="NAME", help="continue conversation NAME, or start it")
     add("--chats", action="store_true", help="list the saved conversations, newest first")
-    add("--show", nargs="?", const="", metavar="NAME",
-        help="print a saved conversation (default: the newest)")
+    add("--show", nargs="?", const="", metavar="NAME", help="print a saved conversation (default: the newest)")
     add("--forget", nargs="+", metavar="NAME", help="delete saved conversations")
     add("--no-save", action="store_true", help="do not save this run (or set CHAT_PY_NO_SAVE=1)")
     add("-f", "--file", action="append", default=[], metavar="PATH",
@@ -1960,13 +1819,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--models", action="store_true", help="list the server's models and exit")
     add("--base-url", metavar="URL", help=f"API root (env OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
     add("--timeout", type=number_type(float, lambda value: value > 0, "a number of seconds above 0"),
-        default=DEFAULT_TIMEOUT, metavar="S", help="seconds to wait for each read (default: "
-        f"%(default)g); connecting waits at most {CONNECT_TIMEOUT:g}")
+        default=DEFAULT_TIMEOUT, metavar="S",
+        help=f"seconds to wait for each read (default: %(default)g); connecting waits at most {CONNECT_TIMEOUT:g}")
     add("--retries", type=number_type(int, lambda value: value >= 0, "a whole number of at least 0"),
         default=DEFAULT_RETRIES, metavar="N",
         help="retries after 429, 5xx, connection failures (default: %(default)s)")
-    add("-v", "--verbose", action="store_true",
-        help="trace the HTTP exchange on stderr (the key masked)")
+    add("-v", "--verbose", action="store_true", help="trace the HTTP exchange on stderr (the key masked)")
     add("--curl", action="store_true", help="print the equivalent curl command and send nothing")
     add("--version", action="store_true", help="print the version and exit")
     parser.error = raise_usage_error
@@ -1984,12 +1842,9 @@ def read_dotenv(env: Env) -> dict[str, str]:
     except OSError:
         return {}
     with open(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            env.warn(".env is not a regular file; ignored")
-            return {}
-        data = file.read(MAX_DOTENV + 1)
-    if len(data) > MAX_DOTENV:
-        env.warn(f".env is larger than {MAX_DOTENV // 1024} KiB; ignored")
+        data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    if data is None or len(data) > MAX_DOTENV:
+        env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
         return {}
     from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a .env
 
@@ -2000,8 +1855,7 @@ def read_dotenv(env: Env) -> dict[str, str]:
     logger = logging.getLogger("dotenv.main")
     logger.addFilter(warn_instead)
     try:
-        text = data.decode("utf-8", "replace")
-        values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+        values = dotenv_values(stream=io.StringIO(data.decode("utf-8", "replace")), interpolate=False)
     finally:
         logger.removeFilter(warn_instead)
     ignored = sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name))
@@ -2015,7 +1869,6 @@ def read_dotenv(env: Env) -> dict[str, str]:
 def make_server(args: argparse.Namespace, env: Env) -> Server:
     """The base URL and key from the command line, the environment, then ./.env."""
     dotenv = read_dotenv(env)
-    url_from_dotenv = not args.base_url and not env.get("OPENAI_BASE_URL") and "OPENAI_BASE_URL" in dotenv
     base_url = args.base_url or env.get("OPENAI_BASE_URL") or dotenv.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     parts = urlsplit(base_url)
     try:
@@ -2026,7 +1879,8 @@ def make_server(args: argparse.Namespace, env: Env) -> Server:
         raise UsageError(f"--base-url must be an http:// or https:// URL, not {shown_url(base_url)!r}")
     key = env.get("OPENAI_API_KEY") or dotenv.get("OPENAI_API_KEY", "")
     env.secrets = tuple(secret for secret in (key, parts.password) if secret)
-    return Server(base_url, key, args.timeout, args.retries, url_from_dotenv,
+    return Server(base_url, key, args.timeout, args.retries,
+                  url_from_dotenv=not args.base_url and not env.get("OPENAI_BASE_URL") and "OPENAI_BASE_URL" in dotenv,
                   key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
                   model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"))
 
@@ -2035,20 +1889,19 @@ def check_key(server: Server, env: Env) -> None:
     """Before anything is sent: the key must fit in a header, go only where its owner sent it,
     and OpenAI's hosts need one; sending it unencrypted to another machine deserves a warning."""
     where = urlsplit(server.base_url)
+    if not server.key and is_openai_host(server.base_url):
+        raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                         "(see .env.example); a local server needs no key: pass its --base-url")
     if not server.key:
-        if is_openai_host(server.base_url):
-            raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                             "(see .env.example); a local server needs no key: pass its --base-url")
         return
     # requests would refuse such a header, quoting it (and so the key) in its error.
     if not server.key.isascii() or not server.key.isprintable() or " " in server.key:
         raise UsageError("OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value")
     if server.url_from_dotenv and not server.key_from_dotenv and not is_loopback(where.hostname):
-        raise UsageError(
-            f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes from your "
-            "environment, not from that .env: chat.py will not send it there",
-            hint="(if you trust it, put the key in that .env too, or pass --base-url or export "
-                 "OPENAI_BASE_URL)")
+        raise UsageError(f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes "
+                         "from your environment, not from that .env: chat.py will not send it there",
+                         hint="(if you trust it, put the key in that .env too, or pass --base-url or "
+                              "export OPENAI_BASE_URL)")
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
 
@@ -2058,20 +1911,14 @@ def make_settings(args: argparse.Namespace, env: Env, server: Server, options: l
     """The run's settings; a continued conversation keeps its last model and system prompt
     unless -m or -s say otherwise."""
     last = conversation.turns[-1] if conversation.turns else {}
-    show_reasoning = args.reasoning == "show" or (args.reasoning is None and env.stderr_tty)
     return Settings(
         model=args.model or last.get("model") or server.model or DEFAULT_MODEL,
         system=args.system if args.system is not None else last.get("system"),
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        reasoning_effort=args.reasoning_effort,
-        options=options,
-        schema=schema,
-        stream=args.stream if args.stream is not None else interactive,
-        usage=args.usage,
-        show_reasoning=show_reasoning,
-        verbose=args.verbose,
-    )
+        temperature=args.temperature, max_tokens=args.max_tokens,
+        reasoning_effort=args.reasoning_effort, options=options, schema=schema,
+        stream=args.stream if args.stream is not None else interactive, usage=args.usage,
+        show_reasoning=args.reasoning == "show" or (args.reasoning is None and env.stderr_tty),
+        verbose=args.verbose)
 
 
 def prepare_images(sources: list[str], detail: str | None, verbose: bool, env: Env) -> list[str]:
@@ -2089,9 +1936,8 @@ def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
     """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
     import shlex
 
-    lines = [f"curl {'-N ' if stream else ''}{shlex.quote(shown_url(url))}"]
-    lines.append("-H 'Content-Type: application/json'")
-    lines.append(f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}")
+    lines = [f"curl {'-N ' if stream else ''}{shlex.quote(shown_url(url))}",
+             "-H 'Content-Type: application/json'", f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}"]
     if send_key:
         lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
     lines.append("--data-binary @- <<'JSON'")
@@ -2105,10 +1951,10 @@ def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
 def explain(error: ChatError, settings: Settings, turns: list[dict]) -> None:
     """Add the advice a failed question needs: a full context, a long think."""
     if isinstance(error, ApiError) and error.overflow:
-        error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
-                      "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
-                      if turns else "(the question alone fills the model's context: shorten it, or "
-                      "set a smaller --max-tokens)")
+        error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the model's "
+                      "context: start a new conversation (no -c), or set a smaller --max-tokens)" if turns
+                      else "(the question alone fills the model's context: shorten it, or set a smaller "
+                      "--max-tokens)")
     elif isinstance(error, TimedOut) and settings.reasoning_effort:
         error.hint = "(a long think may need --stream or a larger --timeout)"
 
@@ -2124,8 +1970,7 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
                  f"({len(question):,} characters); a small model's context may not hold it")
     body = build_body(settings, build_messages(turns, user_message, settings.system), server.base_url)
     trace = Trace(env, server.key) if settings.verbose else None
-    # The trace shows progress itself; the spinner would tangle with it.
-    output = Output(env, settings.show_reasoning, spin=not trace)
+    output = Output(env, settings.show_reasoning, spin=not trace)  # the trace shows progress itself
 
     def read(response, streamed: bool) -> Reply:
         if streamed:
@@ -2153,8 +1998,7 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
         env.say(usage_line(reply.usage))
     if settings.schema:
         check_json_reply(reply.text, settings.schema)
-    keep_turn(chat.conversation, make_turn(body, user_message, reply, images, server.base_url),
-              env, retry)
+    keep_turn(chat.conversation, make_turn(body, user_message, reply, images, server.base_url), env, retry)
     return reply
 
 
@@ -2164,8 +2008,8 @@ def print_models(server: Server, verbose: bool, env: Env) -> int:
 
     trace = Trace(env, server.key) if verbose else None
     with requests.Session() as session:
-        models = call(session, server, "/models", None,
-                      lambda response, _: read_models(response, server, trace), env, trace)
+        models = call(session, server, "/models", None, lambda response, _: read_models(response, server, trace),
+                      env, trace)
     if not models:
         env.warn("the server lists no models")
     for model in models:
@@ -2180,8 +2024,7 @@ def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int
     elif args.forget:
         forget_conversations([conversation_path(folder, name) for name in args.forget], env)
     else:
-        name = args.show or newest_conversation(folder, env)
-        show_conversation(conversation_path(folder, name), env)
+        show_conversation(conversation_path(folder, args.show or newest_conversation(folder, env)), env)
     return ExitStatus.OK
 
 
@@ -2214,12 +2057,12 @@ def run(args: argparse.Namespace, env: Env) -> int:
     settings = make_settings(args, env, server, options, schema, conversation, interactive)
     image_urls = prepare_images(args.image, args.detail, args.verbose, env)
     if args.curl:
-        user_message = build_user_message(question, image_urls, args.detail)
-        body = build_body(settings, build_messages(conversation.turns, user_message, settings.system),
-                          server.base_url)
+        messages = build_messages(conversation.turns, build_user_message(question, image_urls, args.detail),
+                                  settings.system)
+        body = build_body(settings, messages, server.base_url)
         send_key = bool(server.key) or is_openai_host(server.base_url)
-        env.write(curl_command(api_url(server.base_url, "/chat/completions"), body, send_key,
-                               settings.stream) + "\n")
+        env.write(curl_command(api_url(server.base_url, "/chat/completions"), body, send_key, settings.stream)
+                  + "\n")
         return ExitStatus.OK
 
     import requests
@@ -2232,16 +2075,9 @@ def run(args: argparse.Namespace, env: Env) -> int:
     return ExitStatus.OK
 
 
-def traceback_text(exc: BaseException) -> str:
-    import traceback
-
-    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-
-
 def main(argv: list[str] | None = None, env: Env | None = None) -> int:
-    """Run chat.py; return the exit status. Failures end here as one error line (a
-    conversation reports a failed turn itself and goes on). Without env, the surroundings
-    are this process's own."""
+    """Run chat.py; return the exit status. Failures end here as one error line (a conversation
+    reports a failed turn itself and goes on). Without env, the surroundings are this process's."""
     if env is None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         env = Env.of_process()
@@ -2259,11 +2095,14 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
     except Exception as exc:
         package = PACKAGES.get((getattr(exc, "name", None) or "").partition(".")[0])
         if isinstance(exc, ModuleNotFoundError) and package:
-            exc = UsageError(f"the {package} package is missing: this Python ({sys.executable}) "
-                             f"cannot import {exc.name}", hint="(pip install -r requirements.txt, or "
-                             "run chat.py with the python of the venv you installed into)")
+            exc = UsageError(f"the {package} package is missing: this Python ({sys.executable}) cannot "
+                             f"import {exc.name}", hint="(pip install -r requirements.txt, or run chat.py "
+                             "with the python of the venv you installed into)")
         if env.get("CHAT_PY_TRACEBACK"):
-            env.stderr.write(redact(traceback_text(exc), env.secrets))
+            import traceback
+
+            env.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                                    env.secrets))
         elif isinstance(exc, ChatError):
             env.error(exc)
         else:
@@ -2315,28 +2154,27 @@ def banner(chat: Chat) -> str:
     if settings.model == DEFAULT_MODEL and not is_openai_host(chat.server.base_url):
         lines.append("(the model name is chat.py's default: --models lists the server's)")
     state = plural(len(conversation.turns), "turn") if conversation.turns else "new"
-    parts = [f"conversation {conversation.name}",
-             state + ("" if conversation.save else ", nothing is saved"), "/help · Ctrl-D leaves"]
+    parts = [f"conversation {conversation.name}", state + ("" if conversation.save else ", nothing is saved"),
+             "/help · Ctrl-D leaves"]
     together = " · ".join(parts)
     lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
     return "\n".join(line if len(line) <= BANNER_CHARS else line[:BANNER_CHARS - 1] + "…" for line in lines)
 
 
-def enable_line_editing(history: str | None) -> bool:
-    """Line editing and history for input(), where Python has readline, with the lines kept
-    in history (a file in the state folder) loaded; with GNU readline also bracketed paste, so
-    a pasted block is one message (CPython turns it off). Returns whether readline itself ends
-    the line after Ctrl-D: from version 8.2 on, it does once bracketed paste is on."""
+def enable_line_editing(history: str) -> bool:
+    """Line editing for input() where Python has readline, with the lines kept in history (a
+    file in the state folder) loaded; with GNU readline also bracketed paste, so a pasted block
+    is one message (CPython turns it off). Returns whether readline itself ends the line after
+    Ctrl-D: from version 8.2 on, it does once bracketed paste is on."""
     try:
         import readline
     except ImportError:
         return False
-    if history:
-        try:
-            for line in read_private(history).decode("utf-8", "replace").splitlines():
-                readline.add_history(line)
-        except UsageError:
-            pass  # no history yet, or a file chat.py will not read
+    try:
+        for line in read_private(history).decode("utf-8", "replace").splitlines():
+            readline.add_history(line)
+    except UsageError:
+        pass  # no history yet, or a file chat.py will not read
     if "libedit" in (readline.__doc__ or ""):
         return False
     readline.parse_and_bind("set enable-bracketed-paste on")
@@ -2348,8 +2186,7 @@ def save_history(history: str, env: Env) -> None:
     several lines is left out: it would come back as many)."""
     import readline
 
-    count = readline.get_current_history_length()
-    items = [readline.get_history_item(number) for number in range(1, count + 1)]
+    items = [readline.get_history_item(number) for number in range(1, readline.get_current_history_length() + 1)]
     lines = [item for item in items if item and "\n" not in item][-HISTORY_LINES:]
     try:
         check_folder(os.path.dirname(history))
@@ -2382,16 +2219,16 @@ def read_message(env: Env) -> str:
     return "\n".join(lines).strip("\n")
 
 
-def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[str],
-             detail: str | None) -> int:
+def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[str], detail: str | None) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
     env = chat.env
     history = os.path.join(chat.conversation.folder, HISTORY_FILE)
     editing = env.read_line is input and env.stdout_tty
     readline_ends_eof_line = editing and enable_line_editing(history)
     env.say(banner(chat))
-    last_question = chat.conversation.turns[-1]["user"] if chat.conversation.turns else None
-    attached = False  # --image and -f go with the first question that gets an answer
+    # The last question and its images; --image and -f go with the first one that gets an answer.
+    last = (chat.conversation.turns[-1]["user"], []) if chat.conversation.turns else None
+    attached = False
     try:
         while True:
             try:
@@ -2406,32 +2243,27 @@ def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[
             command, argument = parse_command(line)
             if line.strip().lower() in ("exit", "quit") or command in ("/exit", "/quit"):
                 return ExitStatus.OK
-            retry = False
             if command == "/reset":
                 folder = chat.conversation.folder
                 chat.conversation = Conversation(folder, new_name(folder), save=chat.conversation.save)
-                last_question, attached = None, False
+                last, attached = None, False
                 env.say(f"(new conversation {chat.conversation.name}; the last one stays saved)")
                 continue
-            if command == "/retry":
-                if last_question is None:
-                    env.say("(nothing to retry yet)")
-                    continue
-                user_message = last_question
-                turns = chat.conversation.turns
-                retry = bool(turns) and turns[-1]["user"] is last_question
-            elif command:
+            if command == "/retry" and last is None:
+                env.say("(nothing to retry yet)")
+                continue
+            if command not in ("", "/retry"):
                 env.say(run_command(command, argument, chat.settings))
                 continue
-            elif not line.strip():
+            if not command and not line.strip():
                 continue
-            else:
+            if not command:
                 text = line[1:] if line.startswith("//") else line
-                user_message = build_user_message(build_question([], text, [] if attached else files),
-                                                  [] if attached else image_urls, detail)
-            last_question = user_message
+                last = (build_user_message(build_question([], text, [] if attached else files),
+                                           [] if attached else image_urls, detail), [] if attached else sources)
+            turns = chat.conversation.turns
             try:
-                ask(chat, user_message, [] if attached else sources, retry)
+                ask(chat, *last, retry=command == "/retry" and bool(turns) and turns[-1]["user"] is last[0])
                 attached = True
             except KeyboardInterrupt:
                 env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept

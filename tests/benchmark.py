@@ -1,15 +1,28 @@
 """Benchmark chat.py against its floor: the Python interpreter plus requests, and the server's pace.
 
-    python tests/benchmark.py            # about a minute on 2 cores
+    python tests/benchmark.py            # a few minutes on 2 cores
     python tests/benchmark.py --runs 3   # quicker, noisier
     python tests/benchmark.py --instructions   # also count instructions with valgrind (+1 min)
+    python tests/benchmark.py --suite    # also time the test suite, realmodel tests left out (+30 s)
 
 Starts its own OpenAI-compatible emitter on 127.0.0.1 and prints, for each measure, the median
 over several runs of chat.py and of its floor measured in the same run, side by side. Not part
 of the pytest run: tests assert behaviour, this reports ratios.
+
+What it measures: start-up; one question; what saving a turn costs; listing 1,000 saved
+conversations; a stream's lag, and its CPU over 20,000 small deltas; one SSE event line of 25 and
+of 50 MB (wall time against the course's loop, stopped after COURSE_CAP seconds as its
+iter_lines is quadratic in a line's length; peak RSS against `import requests` plus the line
+held once; the time beyond start-up at 50 MB against 25 MB, 2x when reading is linear); 16 MB
+of tool-call arguments in 100-character pieces against as many text deltas, both through chat.py;
+preparing images; with --suite, the test suite's wall time against its 90 s budget. The large
+streams are served by a process of their own, and their output is hashed, not kept: a child's
+peak RSS counts its parent's at fork.
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -27,6 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = str(ROOT / "chat.py")
 PYTHON = sys.executable
 KEY = "sk-test-not-a-real-key-benchmark"
+# seconds: the course's loop is quadratic in a line's length (12 s on a 4 MB line, about 8 minutes
+# extrapolated on 25 MB): requests' iter_lines adds each 512-byte read to the line so far.
+COURSE_CAP = 30
+SUITE_BUDGET = 90  # seconds, for the test suite without the realmodel tests
+WRITE_SIZE = 64 * 1024  # bytes per write of a large stream
 # Conversations are saved in a temporary folder, never the real home (see main()).
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENAI_API_KEY": KEY, "PYTHONIOENCODING": "utf-8"}
 
@@ -86,16 +104,16 @@ def timed(save):
     times = []
     for n in range(200):
         started = time.perf_counter()
-        save(os.path.join(folder, f"{save.__name__}{n % 20}.jsonl"))
+        save(f"{save.__name__}{n % 20}")
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
-def bare(path):
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+def bare(name):
+    fd = os.open(os.path.join(folder, name + ".jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.write(fd, line)
     os.fsync(fd)
     os.close(fd)
-def chat_py(path):
-    chat.append_line(folder, path, turn, "sk-test-not-a-real-key")
+def chat_py(name):
+    chat.append_line(chat.Conversation(folder, name), turn, ("sk-test-not-a-real-key",))
 print(timed(chat_py), timed(bare))
 """
 
@@ -103,10 +121,19 @@ print(timed(chat_py), timed(bare))
 # ------------------------------------------------------------------ emitter
 
 
-def delta_event(text: str) -> bytes:
+# Awkward characters: non-ASCII, quotes, a backslash, a newline.
+PIECES = ["word ", "naïve ", "“quoted” ", 'say "hi" ', "back\\slash ", "new\nline ", "日本 ", "☕ "]
+PIECE = ('say "hi" back\\slash new\nline, ' * 4)[:100]  # 100 ASCII characters
+
+
+def event(delta: dict, finish_reason: str | None = None) -> bytes:
     payload = {"id": "b", "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def delta_event(text: str) -> bytes:
+    return event({"content": text})
 
 
 def chunk(data: bytes) -> bytes:
@@ -114,10 +141,11 @@ def chunk(data: bytes) -> bytes:
 
 
 class Emitter:
-    """A tiny OpenAI-compatible server. mode decides the reply; send_times records stream sends."""
+    """A tiny OpenAI-compatible server. A stream sends events (in WRITE_SIZE writes), then each of
+    deltas after gap seconds; send_times records the deltas' sends."""
 
     def __init__(self):
-        self.mode = "instant"
+        self.events = b""
         self.deltas: list[str] = []
         self.gap = 0.0
         self.send_times: list[float] = []
@@ -149,6 +177,8 @@ class Emitter:
                 return
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                          b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            for start in range(0, len(self.events), WRITE_SIZE):
+                conn.sendall(chunk(self.events[start:start + WRITE_SIZE]))
             for text in self.deltas:
                 if self.gap:
                     time.sleep(self.gap)
@@ -157,21 +187,84 @@ class Emitter:
             conn.sendall(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
 
+def large_stream(kind: str, size: int) -> tuple[bytes, bytes]:
+    """The events of a large stream, [DONE] left out, and what chat.py prints for it. "line": one
+    delta whose event line is about size bytes; "texts": size characters of text in deltas of
+    100; "tools": the same pieces as the arguments of one tool call."""
+    if kind == "line":
+        unit = "".join(PIECES)
+        text = unit * (size // (len(json.dumps(unit)) - 2))
+        return delta_event(text), text.encode() + b"\n"
+    count = size // len(PIECE)
+    if kind == "texts":
+        return delta_event(PIECE) * count, PIECE.encode() * count + b"\n"
+    start = {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "write_file", "arguments": ""}}
+    events = (event({"tool_calls": [start]})
+              + event({"tool_calls": [{"index": 0, "function": {"arguments": PIECE}}]}) * count
+              + event({}, "tool_calls"))
+    line = json.dumps({"name": "write_file", "arguments": PIECE * count}, ensure_ascii=False) + "\n"
+    return events, line.encode()
+
+
+def serve(kind: str, size: str) -> None:
+    """--serve: serve one large stream until stdin closes; first print the URL, and the length
+    and SHA-256 of what chat.py prints for it."""
+    emitter = Emitter()
+    emitter.events, expected = large_stream(kind, int(size))
+    print(emitter.url, len(expected), hashlib.sha256(expected).hexdigest(), flush=True)
+    sys.stdin.read()
+
+
+@contextlib.contextmanager
+def served(kind: str, size: int):
+    """The URL of a large stream served by a child process (this one stays small, see
+    make_images), and the (length, SHA-256) of what chat.py prints for it."""
+    process = subprocess.Popen([PYTHON, __file__, "--serve", kind, str(size)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        url, length, digest = process.stdout.readline().split()
+        yield url, (int(length), digest)
+    finally:
+        process.stdin.close()
+        process.wait()
+
+
 # ------------------------------------------------------------------ measuring
 
 
-def run_measured(args: list[str], env: dict | None = None) -> tuple[float, float, int, bytes]:
-    """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout."""
+def run_measured(args: list[str], env: dict | None = None, digest: bool = False,
+                 timeout: float | None = None) -> tuple[float | None, float, int, bytes | tuple[int, str]]:
+    """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout, or with
+    digest its length and SHA-256 (a large output is not kept). A command still running after
+    timeout seconds is killed, and its wall time is None."""
     started = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                env={**ENV, **(env or {})})
-    out = process.stdout.read()
+    timer = threading.Timer(timeout, process.kill) if timeout else None
+    if timer:
+        timer.start()
+    out = read_digest(process.stdout) if digest else process.stdout.read()
+    if timer:
+        timer.cancel()
+        timer.join()  # before the wait: a kill must not reach a reaped process's reused id
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    if process.returncode != 0:
+    if timer and process.returncode == -9:
+        wall = None
+    elif process.returncode != 0:
         raise SystemExit(f"benchmark: {args[:3]} exited with {process.returncode}")
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss // 1024, out
+
+
+def read_digest(stream) -> tuple[int, str]:
+    """The length and SHA-256 of all a stream holds."""
+    hashed, length = hashlib.sha256(), 0
+    while data := stream.read(WRITE_SIZE):
+        hashed.update(data)
+        length += len(data)
+    return length, hashed.hexdigest()
 
 
 def stream_arrivals(args: list[str], emitter: Emitter) -> tuple[list[float], float]:
@@ -251,6 +344,20 @@ def make_images(folder: Path) -> tuple[str, str]:
     return jpeg, png
 
 
+def run_suite() -> tuple[float, str]:
+    """Wall seconds of one run of the test suite without the realmodel tests, from the checkout,
+    with HOME and CHAT_PY_HOME in a temporary folder; and its counts ("753 passed")."""
+    with tempfile.TemporaryDirectory() as home:
+        started = time.perf_counter()
+        done = subprocess.run([PYTHON, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-m",
+                               "not realmodel"], cwd=ROOT, capture_output=True, text=True,
+                              env={**ENV, "HOME": home, "CHAT_PY_HOME": str(Path(home) / "chats")})
+        wall = time.perf_counter() - started
+    summary = done.stdout.splitlines()[-1] if done.stdout else ""
+    counts = re.findall(r"(\d+ (?:passed|failed|errors?))\b", summary)
+    return wall, ", ".join(counts) or f"exit {done.returncode}"
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -259,7 +366,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=9, help="runs per measure (default: %(default)s)")
     parser.add_argument("--instructions", action="store_true",
                         help="also count instructions for start-up and the 20,000-delta stream (valgrind)")
+    parser.add_argument("--suite", action="store_true",
+                        help="also time the test suite, realmodel tests left out (+30 s)")
+    parser.add_argument("--serve", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.serve:
+        serve(*options.serve)
+        return 0
     runs = options.runs
     if options.instructions and not shutil.which("valgrind"):
         parser.error("--instructions needs valgrind")
@@ -268,14 +381,17 @@ def main() -> int:
     state = tempfile.TemporaryDirectory()
     ENV.update(HOME=state.name, CHAT_PY_HOME=str(Path(state.name) / "chats"))
 
-    def row(name, ours, floor, unit, target, compared="ratio"):
-        digits = 2 if unit == "ms" and ours < 10 else 1 if unit == "ms" else 0
+    def row(name, ours, floor, unit, target, compared="ratio", stopped=False):
+        """stopped: the floor was stopped at floor, so it is more than that."""
+        digits = 2 if unit == "ms" and ours < 10 or unit == "s" else 1 if unit == "ms" else 0
+        above, below = ("> ", "< ") if stopped else ("", "")
         if compared == "ratio":
-            compared = f"{ours / floor:.2f}x"
+            compared = f"{below}{ours / floor:.2f}x"
         elif compared == "difference":
             compared = f"{ours - floor:+.{digits}f} {unit}"
-        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{floor:,.{digits}f} {unit}", compared, target))
-        print(f"  {name}: chat.py {ours:.2f} {unit}, floor {floor:.2f} {unit}", file=sys.stderr)
+        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{above}{floor:,.{digits}f} {unit}", compared,
+                     target))
+        print(f"  {name}: chat.py {ours:.2f} {unit}, floor {above}{floor:.2f} {unit}", file=sys.stderr)
 
     print(f"benchmark: {runs} runs per measure, Python {sys.version.split()[0]}", file=sys.stderr)
 
@@ -339,8 +455,7 @@ def main() -> int:
     row("stream: start to first byte", ours[2], floor[2], "ms", "")
 
     # 4. stream throughput: 20,000 small deltas, awkward characters included
-    pieces = ["word ", "naïve ", "“quoted” ", 'say "hi" ', "back\\slash ", "new\nline ", "日本 ", "☕ "]
-    emitter.deltas, emitter.gap = [pieces[n % len(pieces)] for n in range(20_000)], 0.0
+    emitter.deltas, emitter.gap = [PIECES[n % len(PIECES)] for n in range(20_000)], 0.0
     expected = "".join(emitter.deltas).encode() + b"\n"
 
     def cpu(args):
@@ -362,7 +477,40 @@ def main() -> int:
         row("stream: 20,000 deltas, instructions beyond start-up", (stream_ours - start_ours) / 1e6,
             (stream_floor - start_floor) / 1e6, "M", "<= 1.00x")
 
-    # 5. image preparation (--curl prepares the body and sends nothing)
+    # 5. one long SSE event line: time linear in its length, memory a small multiple of it
+    def checked(args, expected, timeout=None):
+        wall, _, rss, out = run_measured(args, digest=True, timeout=timeout)
+        assert wall is None or out == expected, f"output of {out[0]:,} bytes differs from what was sent"
+        return wall, rss
+
+    def chat_stream(url):
+        return [PYTHON, CHAT, "--base-url", url, "--stream", "--no-save", "q"]
+
+    requests_rss = median_of(runs, lambda: (run_measured([PYTHON, "-c", "import requests"])[2],))[0]
+    emitter.deltas = ["x"]
+    start_up = median_of(runs, lambda: (run_measured(chat_stream(emitter.url))[0],))[0]
+    line_walls = []
+    for size in (25_000_000, 50_000_000):
+        with served("line", size) as (url, sent):
+            ours = median_of(runs, lambda: checked(chat_stream(url), sent))
+            # once: the course's loop is too slow for more (see COURSE_CAP)
+            floor, _ = checked([PYTHON, "-c", COURSE_STREAM, url, KEY], sent, COURSE_CAP)
+        name = f"SSE: one {size // 1_000_000} MB event line"
+        row(f"{name}, wall time", ours[0], floor or COURSE_CAP, "s", "seconds", stopped=floor is None)
+        row(f"{name}, peak RSS", ours[1], requests_rss + size / 2**20, "MiB", "small multiple")
+        line_walls.append(ours[0] - start_up)
+    row("SSE: 50 MB vs 25 MB line, wall time beyond a 1-delta stream", line_walls[1], line_walls[0], "s",
+        "~2.00x (linear)")
+
+    # 6. tool-call arguments, against as many text deltas of the same pieces
+    def streamed(kind):
+        with served(kind, 16_000_000) as (url, sent):
+            return median_of(runs, lambda: checked(chat_stream(url), sent))[0]
+
+    row("tool-call arguments: 16 MB in 100-byte pieces vs text deltas", streamed("tools"), streamed("texts"),
+        "s", "~1.00x")
+
+    # 7. image preparation (--curl prepares the body and sends nothing)
     with tempfile.TemporaryDirectory() as folder:
         jpeg, png = make_images(Path(folder))
         for label, path in (("6000x4000 JPEG", jpeg), ("4000x3000 PNG", png)):
@@ -373,6 +521,11 @@ def main() -> int:
             row(f"image {label}: wall time", ours[0] * 1000, floor[0] * 1000, "ms", "< 1.00x (JPEG)")
             row(f"image {label}: peak RSS", ours[1], floor[1], "MiB", "< 1.00x (JPEG)")
             row(f"image {label}: request size", ours[2] / 1024, floor[2] / 1024, "KiB", "")
+
+    # 8. the test suite, realmodel tests left out, against its budget
+    if options.suite:
+        wall, counts = run_suite()
+        row(f"test suite (no realmodel): {counts}", wall, SUITE_BUDGET, "s", f"<= {SUITE_BUDGET} s")
 
     width = max(len(name) for name, *_ in rows)
     print(f"\n| {'measure':<{width}} | chat.py | floor | compared | target |")
