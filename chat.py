@@ -9,18 +9,13 @@
 # ///
 """Ask an OpenAI-compatible chat-completions API from the command line.
 
-    $ python chat.py "Write a haiku about APIs."
-    $ python chat.py -c "Now one about HTTP."          # go on from the last question
     $ git diff | python chat.py "Review this"
-    $ python chat.py --image cat.jpg "What is in this picture?"
-    $ cat invoice.txt | python chat.py --schema 'vendor, total float' "Extract"
-    $ python chat.py                      # no question on a terminal: a conversation
+    $ python chat.py -c "And the tests?"                 # go on from the last question
     $ python chat.py --image missing.jpg "What is this?"
     error: cannot read image missing.jpg: No such file or directory
 
-The reply goes to stdout; reasoning, warnings and errors go to stderr. Exit codes: 0 reply
-printed, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, 70 a bug in
-chat.py, 130 interrupted. Every answered question is saved (see --chats).
+The reply goes to stdout; reasoning, warnings and errors to stderr. Exit codes: 0 reply printed,
+1 API error, 2 usage or input error, 3 network failure, 4 timeout, 70 a bug, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -43,8 +38,8 @@ import time
 from enum import IntEnum
 from urllib.parse import urlsplit
 
-# requests, python-dotenv and Pillow are imported by the functions that use them, so that the
-# commands that need none (--help, --chats, --show, --curl, usage errors) start without them.
+# requests, python-dotenv and Pillow are imported where they are used: --help, --chats, --show,
+# --curl and usage errors start without them.
 
 __version__ = "3.0.0"
 
@@ -56,41 +51,29 @@ DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 15.0
 DEFAULT_RETRIES = 2
 USER_AGENT = f"chat.py/{__version__}"
-INITIAL_RETRY_DELAY = 0.5  # seconds; doubles on each retry
-MAX_RETRY_DELAY = 8.0  # seconds
+INITIAL_RETRY_DELAY, MAX_RETRY_DELAY = 0.5, 8.0  # seconds; the delay doubles on each retry
 MAX_RETRY_AFTER = 120.0  # seconds; a server asking for longer gets no retry
 RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 
 # What a server or a file can make chat.py hold: a reply (after HTTP decompression), a stream's
 # text or one SSE event up to MAX_REPLY; piped stdin or a -f file up to MAX_INPUT, read no
-# further. An error body is cut at MAX_ERROR_BODY, a .env over MAX_DOTENV ignored.
-MAX_REPLY = 64 * 1024 * 1024
-MAX_INPUT = 16 * 1024 * 1024
-MAX_ERROR_BODY = 1024 * 1024
-MAX_DOTENV = 64 * 1024
-LARGE_QUESTION = 1_000_000  # characters; a larger question gets a note of its size in tokens
-CHARS_PER_TOKEN = 4  # roughly, for English text and code
+# further. An error body is cut at MAX_ERROR_BODY, a larger .env is ignored.
+MAX_REPLY, MAX_INPUT, MAX_ERROR_BODY, MAX_DOTENV = 64 * 2**20, 16 * 2**20, 2**20, 64 * 1024
+LARGE_QUESTION = 1_000_000  # characters; a larger one gets a note of its size in tokens (about /4)
 
 # .env supplies these and nothing else: a proxy, CA bundle or state folder in a cloned
-# repository's .env would take the key or the conversations.
+# repository's .env would take the key or the conversations. Those named here get a warning.
 DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
-# Names worth a warning when a .env sets them: they used to work there, or look as if they would.
 IGNORED_IN_DOTENV = re.compile(r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I)
 
-# Detail level -> how many pixels of a local image are worth uploading: "low" is seen as one
-# 512x512 thumbnail; "high" (and "auto") keeps 2048 px on the long side and 1536 32x32 patches.
-LOW_DETAIL_BOX = 512
-HIGH_DETAIL_LONG_SIDE = 2048
-HIGH_DETAIL_PIXELS = 1536 * 32 * 32
+# The pixels of a local image worth uploading: "low" is seen as one 512x512 thumbnail; "high"
+# (and "auto") keeps 2048 px on the long side and 1536 patches of 32x32.
+LOW_DETAIL_BOX, HIGH_DETAIL_LONG_SIDE, HIGH_DETAIL_PIXELS = 512, 2048, 1536 * 32 * 32
 JPEG_QUALITY = 85
 # The formats the API takes as they are, and their plain 8-bit modes: a file like this can be
 # sent byte for byte (16-bit, CMYK and other modes are converted).
-AS_IS_MODES = {
-    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA"},
-    "GIF": {"1", "L", "LA", "P", "RGB", "RGBA"},
-    "WEBP": {"1", "L", "LA", "P", "RGB", "RGBA"},
-    "JPEG": {"L", "RGB"},
-}
+PLAIN_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+AS_IS_MODES = {"PNG": PLAIN_MODES, "GIF": PLAIN_MODES, "WEBP": PLAIN_MODES, "JPEG": {"L", "RGB"}}
 TEXT_SNIFF_BYTES = 8192  # a NUL byte this early means a -f file is not text
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic")
 
@@ -103,14 +86,11 @@ FORMAT_REJECTED = re.compile(r"response_format|json_schema")  # a server refusin
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
 RETRY_LINE_START = b'{"retry": true'
-HISTORY_FILE = "history"  # conversation mode's line history, in the state folder
-HISTORY_LINES = 1000
+HISTORY_FILE, HISTORY_LINES = "history", 1000  # conversation mode's line history, in the state folder
 
 READ_SIZE = 64 * 1024  # most bytes taken from the socket per read
-LINE_CHARS = 300  # the longest error: or warning: line
-BANNER_CHARS = 80
-TRACE_STRING_CHARS = 500  # -v cuts longer strings of a JSON body
-TRACE_TEXT_CHARS = 2000  # -v cuts a longer body that is not JSON
+LINE_CHARS, BANNER_CHARS = 300, 80  # the longest error: or warning: line, banner line
+TRACE_STRING_CHARS, TRACE_TEXT_CHARS = 500, 2000  # -v cuts a JSON body's strings, or other text
 DATA_URL = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)([A-Za-z0-9+/=]+)")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 # What a terminal would obey as a command: C0 controls but newline and tab, a carriage return
@@ -118,18 +98,14 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available context size|"
                               r"maximum context length|context window|context length", re.I)
-# Keys shorter than this are placeholders ("none", "x") that local servers accept; masking
-# them would garble every message that contains the letters.
-MIN_SECRET_CHARS = 8
-DIM, NORMAL = "\x1b[2m", "\x1b[0m"  # how reasoning and the spinner look on a terminal
-ERASE_LINE = "\r\x1b[K"
-# The packages chat.py needs, by the name of a module that fails to import without them.
-PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
+MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
+DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
+PACKAGES = {  # what to install, by the module that fails to import without it
+            "requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
             "idna": "requests", "certifi": "requests", "dotenv": "python-dotenv", "PIL": "Pillow"}
 
 
 # ---------------------------------------------------------------- errors and records
-
 
 class ExitStatus(IntEnum):
     """Exit codes of chat.py, as documented in the README."""
@@ -142,11 +118,9 @@ class ExitStatus(IntEnum):
     BUG = 70  # sysexits' EX_SOFTWARE
     INTERRUPTED = 130
 
-
 class ChatError(Exception):
-    """A failure chat.py explains in one line; the class picks the exit code. The hint is advice
-    that stays whole when the message is cut to fit; brief is what a retry warning says;
-    retryable and retry_after say whether, and when, another try could help."""
+    """A failure told in one line, with its exit code, advice kept whole (hint), what a retry
+    warning says (brief), and whether and when another try could help."""
 
     exit_status = ExitStatus.API_ERROR
 
@@ -156,60 +130,46 @@ class ChatError(Exception):
         self.hint, self.brief = hint, brief or message
         self.retryable, self.retry_after = retryable, retry_after
 
-
 class UsageError(ChatError):
     exit_status = ExitStatus.USAGE
-
 
 class NetworkError(ChatError):
     exit_status = ExitStatus.NETWORK
 
-
 class TimedOut(ChatError):
     exit_status = ExitStatus.TIMEOUT
 
-
 class ApiError(ChatError):
-    """The server answered, but not usably; status is an HTTP error status, and overflow says
-    the request did not fit the model's context."""
+    """The server answered, but not usably: an HTTP error status, or a reply chat.py cannot use."""
 
     def __init__(self, message: str, status: int = 0, overflow: bool = False, **details):
         super().__init__(message, **details)
         self.status, self.overflow = status, overflow
 
-
 def redact(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
-        if len(secret) >= MIN_SECRET_CHARS:
-            text = text.replace(secret, "[redacted]")
+        text = text.replace(secret, "[redacted]") if len(secret) >= MIN_SECRET_CHARS else text
     return text
-
 
 def elide_base64(text: str) -> str:
     """text with each data: URL's payload, and any other long Base64 run, cut to its length."""
     text = DATA_URL.sub(lambda match: f"{match[1]}…({len(match[2]):,} characters)", text)
     return BASE64_RUN.sub(lambda match: f"…({len(match[0]):,} characters of Base64)", text)
 
-
 def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS) -> str:
-    """A message as one line of at most room characters: secrets redacted, Base64 elided,
-    runs of white space made single spaces, the rest cut."""
+    """A message as one line of at most room characters: secrets redacted, Base64 elided, cut."""
     text = " ".join(elide_base64(redact(message, secrets)).split())
     return text if len(text) <= room else text[: room - 1] + "…"
 
-
 def visible(text: str) -> str:
-    """text with every character a terminal would obey as a command shown as an escape (ESC as
-    \\x1b): what came from a server or a file can print, never steer the terminal."""
+    """text with each character a terminal would obey as a command shown as an escape (\\x1b)."""
     if not CONTROL_CHARS.search(text):
         return text
     return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
-
 def host_of(url: str) -> str:
     """host:port of a URL, without any user or password."""
     return urlsplit(url).netloc.rpartition("@")[2]
-
 
 def shown_url(url: str) -> str:
     """url as chat.py displays it: a password in it becomes ***."""
@@ -218,16 +178,13 @@ def shown_url(url: str) -> str:
         return url
     return parts._replace(netloc=f"{parts.username}:***@{host_of(url)}").geturl()
 
-
 class Spinner:
-    """One stderr line counting the seconds waited, until stop() erases it. Lines printed
-    meanwhile go above it, so the two never tangle."""
+    """A stderr line counting the seconds waited, until stop() erases it; lines said go above it."""
 
     FRAMES = "|/-\\"
 
     def __init__(self, stream, color: bool):
         import threading
-
         self.stream, self.color, self.shown = stream, color, False
         self.lock, self.stopping = threading.Lock(), threading.Event()
         self.thread = threading.Thread(target=self.spin, daemon=True)
@@ -254,7 +211,6 @@ class Spinner:
         if self.shown:  # erased to the end of the line: a ^C the terminal echoed goes too
             self.write(ERASE_LINE)
 
-
 class Env:
     """The process's surroundings: its streams, which of them are terminals, its environment
     variables, its current folder, how it reads a line and waits. main() makes one from the
@@ -266,8 +222,7 @@ class Env:
                  read_line=input, sleep=time.sleep):
         self.stdin = stdin  # binary; None when the process started with stdin closed
         self.stdout, self.stderr = stdout, stderr  # text
-        self.environ = {} if environ is None else environ
-        self.cwd = cwd
+        self.environ, self.cwd = {} if environ is None else environ, cwd
         self.stdin_tty, self.stdout_tty, self.stderr_tty = ttys
         self.read_line, self.sleep = read_line, sleep
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
@@ -275,17 +230,11 @@ class Env:
 
     @classmethod
     def of_process(cls) -> Env:
-        def is_tty(stream) -> bool:
-            return stream is not None and stream.isatty()
-
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
-        try:
-            cwd = os.getcwd()
-        except OSError:  # the folder was deleted under us
-            cwd = "."
-        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, cwd,
-                   (is_tty(sys.stdin), is_tty(sys.stdout), is_tty(sys.stderr)))
+        streams = (sys.stdin, sys.stdout, sys.stderr)
+        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir,
+                   tuple(stream is not None and stream.isatty() for stream in streams))
 
     def get(self, name: str) -> str:
         """An environment variable; empty and unset are the same."""
@@ -329,27 +278,22 @@ class Env:
             self.spinner.stop()
             self.spinner = None
 
-
 # Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
 # a seventh of chat.py's start-up.
 
-
 class Server:
-    """Where requests go and how: the base URL, the key, how long to wait and how often to try;
-    whether .env chose the URL or the key (a key goes only where its owner sent it); and the
-    model the environment or .env names."""
+    """Where requests go and how, whether .env chose the URL or the key (a key goes only where
+    its owner sent it), and the model the environment names."""
 
     def __init__(self, base_url: str, key: str = "", timeout: float = DEFAULT_TIMEOUT,
                  retries: int = DEFAULT_RETRIES, url_from_dotenv: bool = False,
                  key_from_dotenv: bool = False, model: str = ""):
         self.base_url, self.key, self.timeout, self.retries = base_url, key, timeout, retries
-        self.url_from_dotenv, self.key_from_dotenv = url_from_dotenv, key_from_dotenv
-        self.model = model
+        self.url_from_dotenv, self.key_from_dotenv, self.model = url_from_dotenv, key_from_dotenv, model
 
     @property
     def host(self) -> str:
         return host_of(self.base_url)
-
 
 class Settings:
     """What the user asked for besides the question: the body's fields and how to show the reply."""
@@ -361,26 +305,19 @@ class Settings:
                  verbose: bool = False):
         self.model, self.system, self.temperature = model, system, temperature
         self.max_tokens, self.reasoning_effort = max_tokens, reasoning_effort
-        self.options = options  # -o KEY VALUE pairs, applied last
-        self.schema = schema  # --schema's JSON Schema
+        self.options, self.schema = options, schema
         self.stream, self.usage, self.show_reasoning, self.verbose = stream, usage, show_reasoning, verbose
 
-
 class Reply:
-    """What the server answered: the text (tool calls included, as JSON lines), the reasoning,
-    why it stopped, the token usage, the model it names, how many choices it sent."""
+    """What the server answered; the text holds the tool calls too, as JSON lines."""
 
     def __init__(self, streamed: bool = False):
         self.text = self.reasoning = ""
-        self.finish_reason: str | None = None
-        self.usage: dict | None = None
-        self.model: str | None = None
+        self.finish_reason = self.usage = self.model = None  # the model the server names
         self.choices = 1
         self.tool_calls: dict[int, dict] = {}  # index -> {"id", "name", "pieces" of the arguments}
         self.size = 0  # characters of text, reasoning and tool-call arguments held
-        self.streamed = streamed
-        self.done = False  # the stream said [DONE]
-
+        self.streamed, self.done = streamed, False  # done: the stream said [DONE]
 
 class Conversation:
     """A conversation's turns so far, and the file the next one is appended to."""
@@ -392,10 +329,8 @@ class Conversation:
     def path(self) -> str:
         return os.path.join(self.folder, f"{self.name}.jsonl")
 
-
 class Chat:
-    """What every question of a run shares: the surroundings, server, settings, conversation
-    and HTTP session."""
+    """What every question of a run shares."""
 
     def __init__(self, env: Env, server: Server, settings: Settings, conversation: Conversation,
                  session=None):
@@ -405,44 +340,34 @@ class Chat:
 
 # ------------------------------------------------------------------ builders
 
-
 def drop_nones(mapping: dict) -> dict:
     return {key: value for key, value in mapping.items() if value is not None}
 
-
 def is_openai_host(base_url: str) -> bool:
-    """OpenAI's own hosts and Azure's, which need a key and reject max_tokens."""
+    """OpenAI's hosts and Azure's: they need a key and reject max_tokens."""
     host = urlsplit(base_url).hostname or ""
     return host == "api.openai.com" or host.endswith(
         (".api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"))
 
-
 def max_tokens_field(base_url: str) -> str:
     """OpenAI's hosts reject max_tokens for current models; other servers may only know it."""
     return "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
-
 
 def api_url(base_url: str, path: str) -> str:
     """base_url + path; a query string in base_url (Azure's ?api-version=) stays at the end."""
     parts = urlsplit(base_url)
     return parts._replace(path=parts.path.rstrip("/") + path, fragment="").geturl()
 
-
 def public_url(base_url: str) -> str:
     """base_url without user, password or query: what may be written to a file."""
     return f"{urlsplit(base_url).scheme}://{host_of(base_url)}{urlsplit(base_url).path}"
 
-
 def is_loopback(host: str | None) -> bool:
     import ipaddress
-
-    if host is None or host == "localhost" or host.endswith(".localhost"):
-        return host is not None
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+        return host == "localhost" or host.endswith(".localhost") or ipaddress.ip_address(host).is_loopback
+    except (ValueError, AttributeError):  # a name, or None
         return False
-
 
 def build_question(words: list[str], piped: str | None, files: list[str] = ()) -> str:
     """The question words, then piped text, then files, each part after a blank line."""
@@ -451,7 +376,6 @@ def build_question(words: list[str], piped: str | None, files: list[str] = ()) -
     piped = (piped or "").rstrip().lstrip("\r\n")
     return "\n\n".join(part for part in (question, piped, *files) if part)
 
-
 def read_limited(file, source: str) -> bytes:
     """All of a file or stream up to MAX_INPUT bytes; beyond that a usage error, read no further."""
     data = file.read(MAX_INPUT + 1)
@@ -459,7 +383,6 @@ def read_limited(file, source: str) -> bytes:
         raise UsageError(f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no further",
                          hint="(send a part of it)")
     return data
-
 
 def decode_utf8(data: bytes, source: str, env: Env) -> str:
     """Text as UTF-8; undecodable bytes are replaced, with a warning. A leading BOM is dropped."""
@@ -471,13 +394,11 @@ def decode_utf8(data: bytes, source: str, env: Env) -> str:
         text = data.decode("utf-8", "replace")
     return text.removeprefix("\ufeff")
 
-
 def read_piped_stdin(env: Env) -> str | None:
-    """All of stdin when it is not a terminal, as UTF-8; None on a terminal."""
+    """All of stdin as UTF-8; None on a terminal."""
     if env.stdin is None:  # started with stdin closed
         return ""
     return None if env.stdin_tty else decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
-
 
 def read_text_file(path: str, env: Env) -> str:
     """A -f file's text, as UTF-8; a missing, unreadable, binary or huge file is a usage error."""
@@ -492,14 +413,12 @@ def read_text_file(path: str, env: Env) -> str:
                          hint="(attach pictures with --image)" if is_picture else "")
     return decode_utf8(data, path, env)
 
-
 def file_block(path: str, text: str) -> str:
     """The path, then the text in a code fence longer than any run of backticks inside it."""
     fence = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
     if text and not text.endswith("\n"):
         text += "\n"
     return f"{path}\n{fence}\n{text}{fence}"
-
 
 def build_user_message(question: str, image_urls: list[str], detail: str | None) -> dict:
     """The user message: plain text, or a text part followed by one part per image."""
@@ -509,7 +428,6 @@ def build_user_message(question: str, image_urls: list[str], detail: str | None)
               for url in image_urls]
     return {"role": "user", "content": [{"type": "text", "text": question}, *images]}
 
-
 def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
     """The messages of one request: the system prompt, the earlier turns, the new question."""
     messages = [{"role": "system", "content": system}] if system else []
@@ -517,21 +435,17 @@ def build_messages(turns: list[dict], user_message: dict, system: str | None) ->
         messages += [turn["user"], {"role": "assistant", "content": turn["assistant"]}]
     return messages + [user_message]
 
-
 def schema_format(schema: dict) -> dict:
     """OpenAI's response_format for a JSON Schema (taken by llama-server, vLLM, Ollama ...)."""
     title = schema.get("title")
     name = title if isinstance(title, str) and re.fullmatch(r"[\w-]{1,64}", title) else "reply"
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
-
 def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
-    """The request again with response_format {"type": "json_object", "schema": ...}, the form
-    llama-cpp-python takes; None without --schema, or when -o replaced its response_format."""
+    """The request in the form llama-cpp-python takes --schema in; None without --schema or after -o."""
     if not schema or body.get("response_format") != schema_format(schema):
         return None
     return {**body, "response_format": {"type": "json_object", "schema": schema}}
-
 
 def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
     """The chat-completions request body, holding only the fields that were asked for."""
@@ -553,28 +467,23 @@ def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
             body[key] = value
     return body
 
-
-def json_or_text(text: str):
-    def refuse(constant: str):
-        raise ValueError(f"{constant} is not JSON")
-
-    try:
-        return json.loads(text, parse_constant=refuse)
-    except ValueError:
-        return text
-
-
 def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
-    """-o KEY VALUE pairs, VALUE as JSON when it parses (null: leave KEY out), else as text."""
-    for key, _ in pairs:
+    """-o KEY VALUE pairs, VALUE as JSON when it parses (NaN is no JSON), else as text."""
+    def refuse(constant: str):
+        raise ValueError(constant)
+
+    options = []
+    for key, text in pairs:
         if key in ("messages", "stream"):
             raise UsageError(f"-o {key}: chat.py builds '{key}' itself")
-    return [(key, json_or_text(text)) for key, text in pairs]
-
+        try:
+            options.append((key, json.loads(text, parse_constant=refuse)))
+        except ValueError:
+            options.append((key, text))
+    return options
 
 def short_schema(spec: str) -> dict:
-    """The short form, "name, age int, bio: one sentence": an object with exactly those fields,
-    all required. A type follows the name (string when none); text after ":" describes it."""
+    """The short form, "name, age int, bio: one sentence": an object with exactly those fields."""
     fields = {}
     for item in spec.split(","):
         head, _, description = item.partition(":")
@@ -589,7 +498,6 @@ def short_schema(spec: str) -> dict:
             raise UsageError(f"--schema: the field {name} is named twice")
         fields[name] = drop_nones({"type": SHORT_TYPES[kind], "description": description.strip() or None})
     return {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
-
 
 def parse_schema(spec: str, env: Env) -> dict:
     """--schema SPEC as a JSON Schema: inline JSON, @file.json, or the short form."""
@@ -613,7 +521,6 @@ def parse_schema(spec: str, env: Env) -> dict:
 
 # ------------------------------------------------------------------ images
 
-
 def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     """The largest size, same aspect ratio, that keeps all the model sees at this detail."""
     width, height = size
@@ -630,10 +537,8 @@ def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     # it is far too small to push the product of two sides over the budget.
     return max(1, int(width * scale + 1e-6)), max(1, int(height * scale + 1e-6))
 
-
 def why_not_as_is(image) -> str | None:
-    """Why the file's own bytes cannot be sent as they are, or None when they can (if they
-    are no larger than the prepared image: lossless, and the server sees the same pixels)."""
+    """Why the file's own bytes cannot go as they are, or None when they can (if no larger)."""
     if image.format not in AS_IS_MODES:
         return f"{image.format} is not a format the API takes"
     if image.mode not in AS_IS_MODES[image.format]:
@@ -644,12 +549,9 @@ def why_not_as_is(image) -> str | None:
         return "turned upright from its EXIF orientation"
     return None
 
-
 def shrink_image(image, detail: str | None):
-    """Downscale (never upscale) to fit_size, working in the stored orientation so that the
-    image shown after the EXIF rotation is the size fit_size chose."""
+    """Downscale (never upscale) to fit_size, in the stored orientation (EXIF may turn it)."""
     from PIL import Image
-
     turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # these orientations swap the sides
     target = fit_size(image.size[::-1] if turned else image.size, detail)
     stored_target = target[::-1] if turned else target
@@ -658,11 +560,9 @@ def shrink_image(image, detail: str | None):
         image = image.resize(stored_target, Image.Resampling.BICUBIC)
     return image
 
-
 def encode_image(image) -> tuple[str, bytes]:
     """Encode as JPEG, or as PNG when some pixel is transparent."""
     import io
-
     buffer = io.BytesIO()
     if "A" in image.getbands() or "transparency" in image.info:
         if image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
@@ -678,15 +578,11 @@ def encode_image(image) -> tuple[str, bytes]:
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return "image/jpeg", buffer.getvalue()
 
-
 def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str]:
-    """A local image as a data: URL: shrunk to what the model keeps at this detail, or the
-    file's own bytes when the API takes them as they are and they are no larger."""
+    """A local image as a data: URL, shrunk or as it is, and a note for -v saying which and why."""
     import base64
     import warnings
-
     from PIL import Image, ImageOps
-
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
@@ -718,10 +614,8 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
     note = f"image {path}: {source}, {size:,} bytes; {sent}"
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", note
 
-
 def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
-    """The URL to send for --image (remote and data: URLs as given, local files inlined),
-    and a line for -v saying what is sent and why."""
+    """The URL to send for --image (URLs as given, files inlined), and a note for -v."""
     if source.startswith(("http://", "https://", "data:")):
         return source, f"image {elide_base64(source)}: sent as given"
     return encode_image_file(source, detail, env)
@@ -729,28 +623,20 @@ def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
 
 # ----------------------------------------------------------------- transport
 
-
 def bearer_auth(key: str):
-    """A requests auth callable: the key as a Bearer token, or no Authorization at all. Unlike
-    headers=, auth= is not replaced by a ~/.netrc entry."""
-
+    """The key as a Bearer token, or nothing: unlike headers=, auth= is not replaced by ~/.netrc."""
     def add_authorization(request):
         if key:
             request.headers["Authorization"] = f"Bearer {key}"
         return request
-
     return add_authorization
 
-
 def refuse_other_origins(response, **_) -> None:
-    """A requests response hook: a redirect is followed only to the same scheme, host and port,
-    so the question (and the key) never go where the user did not send them."""
+    """A response hook: a redirect is followed only to the same scheme, host and port."""
     from urllib.parse import urljoin
-
     def origin(url: str) -> tuple:
         parts = urlsplit(url)
         return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
     if response.is_redirect:
         target = urljoin(response.url, response.headers["location"])
         if origin(target) != origin(response.url):
@@ -758,11 +644,9 @@ def refuse_other_origins(response, **_) -> None:
             raise ApiError(f"the server redirected the request to {shown_url(target)}; chat.py "
                            f"follows redirects only within {host_of(response.url)}")
 
-
 def mask_key(key: str) -> str:
     """What the verbose trace shows of a key: its sk- prefix and at most the last 4 characters."""
     return ("sk-" if key.startswith("sk-") else "") + "…" + (key[-4:] if len(key) >= 16 else "")
-
 
 def cut_strings(value):
     """A copy of a JSON value with Base64 elided and each long string cut to its start."""
@@ -776,7 +660,6 @@ def cut_strings(value):
             return value[:TRACE_STRING_CHARS] + f"…({len(value):,} characters)"
     return value
 
-
 def pretty_body(body: bytes | str) -> str:
     """A body for the trace: JSON indented, Base64 cut to its length, long strings cut."""
     try:
@@ -787,15 +670,12 @@ def pretty_body(body: bytes | str) -> str:
             text = text[:TRACE_TEXT_CHARS] + f"…({len(text):,} characters)"
         return text
 
-
 def status_reason(response) -> str:
     import http
-
     try:
         return response.reason or http.HTTPStatus(response.status_code).phrase
     except ValueError:
         return ""
-
 
 class Trace:
     """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
@@ -822,7 +702,8 @@ class Trace:
         version = {10: "1.0", 11: "1.1", 20: "2"}.get(response.raw.version, "1.1")
         self.write("< ", f"HTTP/{version} {response.status_code} {status_reason(response)}")
         for name, value in response.headers.items():
-            self.write("< ", f"{name}: {value.split('=', 1)[0] + '=…' if name.lower() == 'set-cookie' else value}")
+            cookie = name.lower() == "set-cookie"
+            self.write("< ", f"{name}: {value.split('=', 1)[0] + '=…' if cookie else value}")
         self.write("< ", "")
         self.write("* ", f"time to first byte: {response.elapsed.total_seconds():.3f} s")
 
@@ -839,7 +720,6 @@ class Trace:
             counts = ", ".join(f"{name} {value}" for name, value in usage.items() if isinstance(value, int))
             self.write("* ", f"tokens: {counts}")
 
-
 def innermost(exc: BaseException) -> BaseException:
     """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error."""
     seen = set()
@@ -854,23 +734,20 @@ def innermost(exc: BaseException) -> BaseException:
         exc = inner
     return exc
 
-
 def chat_error(exc: Exception, server: Server) -> ChatError:
-    """What a failure raised by requests or urllib3 means: the exit code, a one-line message,
-    and whether another try could fix it. Connect timeouts, refused or reset connections and
-    unresolved names are worth a retry; a read timeout is not (the server has the request)."""
+    """What a failure of requests or urllib3 means. A read timeout is not worth a retry: the
+    server has the request."""
     import http.client
     import socket
-
     import requests
     import urllib3
-
     errors, host, inner = urllib3.exceptions, server.host, innermost(exc)
-    cause = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner) or type(inner).__name__
+    cause = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)
     if isinstance(exc, requests.ConnectTimeout):
         return TimedOut(f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
                         retryable=True)
-    if isinstance(exc, (requests.Timeout, errors.ReadTimeoutError)) or isinstance(inner, errors.ReadTimeoutError):
+    if isinstance(exc, (requests.Timeout, errors.ReadTimeoutError)) or isinstance(
+            inner, errors.ReadTimeoutError):
         return TimedOut(f"{host} did not answer within {server.timeout:g} s (--timeout)")
     if isinstance(exc, requests.exceptions.InvalidSchema) and "SOCKS" in str(exc):
         return UsageError("a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
@@ -892,13 +769,10 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
         return NetworkError(f"cannot reach {host}: {cause}", retryable=True)
     return NetworkError(f"request to {host} failed: {cause}")
 
-
 def iter_body(response, server: Server):
-    """Yield the body's bytes as they arrive, chunked or not, decompressed, at most READ_SIZE
-    at a time. Reads urllib3's response directly: iter_content(chunk_size=None) would wait
-    for the whole body when it is not chunked."""
+    """The body's bytes as they arrive, decompressed, READ_SIZE at most at a time (urllib3 read
+    directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked)."""
     import urllib3
-
     raw = response.raw
     try:
         if raw.chunked:
@@ -911,24 +785,21 @@ def iter_body(response, server: Server):
     except urllib3.exceptions.HTTPError as exc:
         raise chat_error(exc, server) from None
 
-
 def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
-    """The whole body, at most limit bytes after decompression; more is an error, except in an
-    error body (limit MAX_ERROR_BODY), which is cut there."""
+    """The whole body up to limit bytes: more is an error, but an error body is cut there."""
     chunks, size = [], 0
     try:
         for chunk in iter_body(response, server):
             chunks.append(chunk)
             size += len(chunk)
-            if size > limit and limit == MAX_ERROR_BODY:
-                break
-            if size > limit:
+            if size > limit and limit != MAX_ERROR_BODY:
                 raise ApiError(f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
                                "chat.py reads no further")
+            if size > limit:
+                break
     finally:
         response.close()
     return b"".join(chunks)[:limit]
-
 
 def text_snippet(data: bytes | str) -> str:
     """The start of a body that is not the JSON expected, without HTML markup."""
@@ -938,19 +809,8 @@ def text_snippet(data: bytes | str) -> str:
     text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S)
     return " ".join(text.split())
 
-
-def parse_json(data: bytes | str, what: str):
-    """JSON from a server; anything else (deep nesting included) is an ApiError."""
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError):
-        raise ApiError(f"{what} is not JSON: {text_snippet(data)!r}") from None
-
-
 def error_message(payload) -> str:
-    """The provider's message in an error body of any shape: {"error": {"message"}},
-    {"error": "text"}, a top-level "message", FastAPI's "detail" (text, or items with "loc"
-    and "msg"), or a JSON array of those (Gemini)."""
+    """The message in an error body of any provider's shape, arrays (Gemini) and FastAPI's included."""
     if isinstance(payload, str):
         return payload
     if isinstance(payload, list):
@@ -962,12 +822,9 @@ def error_message(payload) -> str:
             return message
     return ""
 
-
 def parse_retry_after(headers, now: float | None = None) -> float | None:
-    """Seconds the server asks us to wait: retry-after-ms, else Retry-After in seconds or as an
-    HTTP date; None when it says nothing usable."""
+    """Seconds the server asks us to wait (retry-after-ms, else Retry-After), or None."""
     import email.utils
-
     for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
         try:
             seconds = float(headers.get(name) or "") / per_second
@@ -981,22 +838,20 @@ def parse_retry_after(headers, now: float | None = None) -> float | None:
         return None
     return max(0.0, when - (time.time() if now is None else now))
 
-
 def clock_after(seconds: float) -> str:
     """The local time `seconds` from now, as a clock shows it (with the date when not today)."""
     when = time.localtime(time.time() + min(seconds, 10**9))  # localtime() overflows on absurd waits
     return time.strftime("%Y-%m-%d %H:%M:%S" if seconds > 12 * 3600 else "%H:%M:%S", when)
 
-
 def api_error(response, body: bytes) -> ApiError:
-    """An ApiError for an HTTP error status: what the server said, whether and when to retry,
-    whether the request overflowed the context, and for a 404 where it went."""
+    """An ApiError for an HTTP error status: what the server said, whether and when to retry."""
     code, text = response.status_code, body.decode("utf-8", "replace")
     status = f"HTTP {code} {status_reason(response)}".strip()
     try:
-        message = error_message(json.loads(body)) or text_snippet(body)
+        message = error_message(json.loads(body))
     except (ValueError, RecursionError):
-        message = text_snippet(body)
+        message = ""
+    message = message or text_snippet(body)
     message = f"{status}: {message}" if message and message.lower() not in status.lower() else status
     details = {"brief": f"HTTP {code}", "overflow": bool(CONTEXT_OVERFLOW.search(text))}
     if "insufficient_quota" in text:
@@ -1015,16 +870,14 @@ def api_error(response, body: bytes) -> ApiError:
                  else code in RETRY_STATUSES or code >= 500)
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
-        hint, retryable = f"(the server asks to wait {wait:.0f} s: try again after {clock_after(wait)})", False
+        hint = f"(the server asks to wait {wait:.0f} s: try again after {clock_after(wait)})"
+        retryable = False
     return ApiError(message, code, hint=hint, retryable=retryable, retry_after=wait, **details)
-
 
 def backoff_delay(attempt: int, rand=None) -> float:
     """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
     import random
-
     return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * (rand or random.random)())
-
 
 def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
     """Seconds to wait before retrying after error, or None to give up."""
@@ -1032,11 +885,9 @@ def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
         return None
     return error.retry_after if error.retry_after is not None else backoff_delay(attempt)
 
-
 def send(session, server: Server, path: str, body: dict | None, trace: Trace | None):
     """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400."""
     import requests
-
     try:
         response = session.request(
             "GET" if body is None else "POST", api_url(server.base_url, path), json=body,
@@ -1057,13 +908,11 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
         raise api_error(response, error_body)
     return response
 
-
 def call(session, server: Server, path: str, body: dict | None, read, env: Env,
          trace: Trace | None = None, fallback: dict | None = None):
-    """Send body to path and return read(response, streamed): streamed says the body is
-    Server-Sent Events (whatever was asked: some servers answer otherwise). Retry what a retry
-    can fix (read marks a failure after shown text as not retryable). A fallback body is sent
-    once, at once, when the server rejects the first one's response_format."""
+    """Send body and return read(response, streamed), retrying what a retry can fix; streamed
+    is what the body is, whatever was asked. A fallback body goes when the first's response_format
+    is rejected."""
     attempt, rejected = 0, None
     while True:
         try:
@@ -1092,7 +941,6 @@ def call(session, server: Server, path: str, body: dict | None, read, env: Env,
 
 # ------------------------------------------------------------ replies and output
 
-
 def message_text(content) -> str | None:
     """Text from a message's content: a string, or a list of text parts."""
     if isinstance(content, list):
@@ -1100,20 +948,16 @@ def message_text(content) -> str | None:
                        if isinstance(part, dict) and isinstance(part.get("text"), str))
     return content if isinstance(content, str) else None
 
-
 def reasoning_text(message: dict) -> str:
-    """A message's or delta's reasoning: reasoning_content (DeepSeek, llama.cpp), else
-    reasoning (vLLM, Ollama, OpenRouter)."""
+    """reasoning_content (DeepSeek, llama.cpp), else reasoning (vLLM, Ollama, OpenRouter)."""
     for name in ("reasoning_content", "reasoning"):
         if isinstance(message.get(name), str) and message[name]:
             return message[name]
     return ""
 
-
 def add_tool_calls(calls: dict[int, dict], items) -> int:
-    """Merge a message's tool_calls, or a delta's pieces of them, into calls by index; without
-    one (Ollama, Gemini), a piece with a name or a new id starts a call. The name comes once,
-    the arguments in pieces (joined once, at the end). Returns the characters added."""
+    """Merge tool calls, or a delta's pieces of them, into calls by index (without one, a name or
+    a new id starts a call); returns the characters added."""
     added = 0
     for item in items if isinstance(items, list) else []:
         function = item.get("function") if isinstance(item, dict) else None
@@ -1133,10 +977,8 @@ def add_tool_calls(calls: dict[int, dict], items) -> int:
             added += len(piece)
     return added
 
-
 def tool_call_lines(calls: dict[int, dict]) -> str:
-    """One JSON line per tool call, {"name": ..., "arguments": ...}, the arguments parsed when
-    they are JSON."""
+    """One JSON line per tool call, {"name": ..., "arguments": ...}, the arguments parsed."""
     lines = []
     for _, call in sorted(calls.items()):
         arguments = "".join(call["pieces"])
@@ -1147,18 +989,19 @@ def tool_call_lines(calls: dict[int, dict]) -> str:
         lines.append(json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n")
     return "".join(lines)
 
-
 def after_text(text: str, calls: str) -> str:
     """What follows text so that tool-call lines start on a line of their own."""
     return ("\n" if calls and text and not text.endswith("\n") else "") + calls
 
-
 def read_json(response, server: Server, trace: Trace | None):
+    """A whole reply's JSON (deep nesting is not JSON here either)."""
     data = read_body(response, server)
     if trace:
         trace.body(data)
-    return parse_json(data, "the server's reply")
-
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        raise ApiError(f"the server's reply is not JSON: {text_snippet(data)!r}") from None
 
 def read_reply(response, server: Server, trace: Trace | None) -> Reply:
     """The reply of a non-streamed completion."""
@@ -1179,14 +1022,11 @@ def read_reply(response, server: Server, trace: Trace | None) -> Reply:
     reply.model = payload.get("model") if isinstance(payload.get("model"), str) else None
     add_tool_calls(reply.tool_calls, message.get("tool_calls"))
     text = message_text(message.get("content"))
-    if text is None:
-        text = message_text(message.get("refusal"))
+    text = message_text(message.get("refusal")) if text is None else text
     if text is None and not reply.tool_calls and reply.finish_reason != "length":
         raise ApiError("unexpected reply from the server: the message has no text")
-    text, calls = text or "", tool_call_lines(reply.tool_calls)
-    reply.text = text + after_text(text, calls)
+    reply.text = (text or "") + after_text(text or "", tool_call_lines(reply.tool_calls))
     return reply
-
 
 def read_models(response, server: Server, trace: Trace | None) -> list[str]:
     """The model ids of a GET /models reply, sorted."""
@@ -1194,8 +1034,8 @@ def read_models(response, server: Server, trace: Trace | None) -> list[str]:
     models = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(models, list):
         raise ApiError("unexpected reply from the server: no list of models ('data')")
-    return sorted(model["id"] for model in models if isinstance(model, dict) and isinstance(model.get("id"), str))
-
+    return sorted(model["id"] for model in models
+                  if isinstance(model, dict) and isinstance(model.get("id"), str))
 
 class SSEDecoder:
     """A Server-Sent Events parser (WHATWG HTML, "Server-sent events"), fed bytes as they arrive.
@@ -1225,7 +1065,8 @@ class SSEDecoder:
         if b"\n" not in chunk and b"\r" not in chunk:
             self.pending.append(chunk)
             self.pending_size += len(chunk)
-            self.check_size(self.pending_size)
+            if self.pending_size > MAX_REPLY:
+                raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
             return []
         data = b"".join(self.pending) + chunk if self.pending else chunk
         lines = data.splitlines()  # at LF, CRLF and CR only: str.splitlines() knows more breaks
@@ -1249,21 +1090,15 @@ class SSEDecoder:
                 if field == "data":
                     self.data.append(value)
                     self.data_size += len(value)
-                    self.check_size(self.data_size)
+                    if self.data_size > MAX_REPLY:
+                        raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
                 elif field == "event":
                     self.event = value
                 # "id" and "retry" only matter to a client that reconnects; this one does not.
         return events
 
-    @staticmethod
-    def check_size(size: int) -> None:
-        if size > MAX_REPLY:
-            raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
-
-
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
-    """The text and the reasoning one stream event adds to choice 0; records the rest (finish
-    reason, usage, model, tool calls, other choices) on reply."""
+    """The text and reasoning an event adds to choice 0; the rest is recorded on reply."""
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError):
@@ -1295,11 +1130,9 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         reply.size += len(text) + len(reasoning) + added
     return text, reasoning
 
-
 class Output:
-    """Shows one reply as it arrives: the text on stdout, the reasoning (when shown) on stderr,
-    dimmed on a terminal and labelled when it is not, and until either starts, on a terminal,
-    a spinner counting the wait. finish() ends it all, whatever happened."""
+    """One reply as it arrives: text on stdout, reasoning on stderr (dimmed, or labelled), a
+    spinner until either starts; finish() ends it all, whatever happened."""
 
     def __init__(self, env: Env, show_reasoning: bool, spin: bool):
         self.env, self.show_reasoning = env, show_reasoning
@@ -1326,8 +1159,7 @@ class Output:
     def text(self, text: str) -> None:
         if not text:
             return
-        if self.reasoning_end is not None or self.env.spinner:
-            self.end_reasoning()
+        self.end_reasoning()
         if self.env.stdout_tty:
             text, self.held_cr = self.held_cr + text, ""
             if text.endswith("\r"):
@@ -1335,18 +1167,12 @@ class Output:
         self.env.write(text)
         self.text_end = text[-1:] or self.text_end or ""
 
-    def show(self, reply: Reply) -> None:
-        """A whole (not streamed) reply."""
-        self.reasoning(reply.reasoning)
-        self.text(reply.text)
-
     def flush(self) -> None:
         self.env.stderr.flush()
         self.env.stdout.flush()
 
     def end_reasoning(self, interrupted: bool = False) -> None:
-        """Stop the spinner; set the reasoning apart from what follows: its line ended, then a
-        blank line (after Ctrl-C, only the terminal's colour restored)."""
+        """Stop the spinner; end the reasoning with a blank line (after Ctrl-C, just its colour)."""
         self.env.stop_spinner()
         if self.reasoning_end is not None:
             ending = "" if interrupted else "\n" * (1 + (self.reasoning_end != "\n"))
@@ -1355,9 +1181,8 @@ class Output:
             self.reasoning_end = None
 
     def finish(self, outcome: str) -> None:
-        """Leave the screen tidy: outcome "complete" ends the reply with exactly one newline (an
-        empty reply is an empty line); "failed" ends an open line, so the error starts on its
-        own; "interrupted" leaves stdout as it is."""
+        """Tidy up: a "complete" reply ends with one newline, a "failed" one with its line ended;
+        "interrupted" leaves stdout as it is."""
         self.end_reasoning(interrupted=outcome == "interrupted")
         if self.held_cr:
             self.env.write(self.held_cr)
@@ -1367,10 +1192,8 @@ class Output:
             self.env.stdout.write("\n")
         self.flush()
 
-
 def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
-    """Show a streamed reply as it arrives, and return it whole. Keep-alives alone for
-    --timeout seconds are a timeout; more than MAX_REPLY characters is an error."""
+    """Show a streamed reply as it arrives, and return it whole. Keep-alives only is a timeout."""
     reply, texts, thoughts = Reply(streamed=True), [], []
     decoder = SSEDecoder(trace.sse_line if trace else None)
     last_data = time.monotonic()
@@ -1409,19 +1232,16 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
     finally:
         response.close()
     text = "".join(texts)
-    calls = tool_call_lines(reply.tool_calls)
-    if calls:
-        output.text(after_text(text, calls))
-    reply.text, reply.reasoning = text + after_text(text, calls), "".join(thoughts)
+    calls = after_text(text, tool_call_lines(reply.tool_calls))
+    output.text(calls)
+    reply.text, reply.reasoning = text + calls, "".join(thoughts)
     return reply
-
 
 def token_detail(usage, group: str, name: str) -> int | None:
     """A count inside usage's prompt_tokens_details or completion_tokens_details, if reported."""
     details = usage.get(group) if isinstance(usage, dict) else None
     value = details.get(name) if isinstance(details, dict) else None
     return value if isinstance(value, int) else None
-
 
 def reply_warnings(reply: Reply) -> list[str]:
     """What to tell the user about a reply that may not be whole, or was one of several."""
@@ -1442,7 +1262,6 @@ def reply_warnings(reply: Reply) -> list[str]:
         warnings.append("the stream ended before the reply was complete")
     return warnings
 
-
 def usage_line(usage) -> str:
     """-u: the token counts the server reported, as they were reported."""
     if not (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
@@ -1455,7 +1274,6 @@ def usage_line(usage) -> str:
             counts.append(f"{value} {label}")
     return "usage: " + ", ".join(counts)
 
-
 def check_json_reply(text: str, schema: dict) -> None:
     """--schema: the reply must be JSON with every field the schema requires at its top."""
     try:
@@ -1463,31 +1281,24 @@ def check_json_reply(text: str, schema: dict) -> None:
     except (ValueError, RecursionError) as exc:
         raise ApiError(f"the reply is not the JSON --schema asked for: {exc}") from None
     required = schema.get("required") if isinstance(schema.get("required"), list) else []
-    missing = [name for name in required if isinstance(name, str)
-               and not (isinstance(value, dict) and name in value)]
+    missing = [name for name in required if not (isinstance(value, dict) and name in value)]
     if missing:
-        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
-                       "that --schema asked for")
+        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
+                       f"{', '.join(map(str, missing))} that --schema asked for")
 
 
 # ------------------------------------------------------------ saved conversations
 
-
 def state_dir(env: Env) -> str:
-    """Where conversations are saved: $CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (only an
-    absolute path counts, as the XDG spec says), else ~/.local/state/chat-py."""
-    if env.get("CHAT_PY_HOME"):
-        return env.get("CHAT_PY_HOME")
-    if os.path.isabs(env.get("XDG_STATE_HOME")):
-        return os.path.join(env.get("XDG_STATE_HOME"), "chat-py")
-    return os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state", "chat-py")
-
+    """$CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (if absolute), else ~/.local/state/chat-py."""
+    state = env.get("XDG_STATE_HOME")
+    if not os.path.isabs(state):  # an empty or relative value is ignored, as the XDG spec says
+        state = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
 
 def check_folder(folder: str) -> None:
-    """Refuse a state folder that is not the user's alone, as ssh refuses such a ~/.ssh: one
-    owned by someone else, or writable by group or others. A missing folder is fine."""
+    """Refuse a folder owned by someone else or writable by others, as ssh refuses such a ~/.ssh."""
     import shlex
-
     try:
         info = os.stat(folder)
     except FileNotFoundError:
@@ -1497,35 +1308,27 @@ def check_folder(folder: str) -> None:
     if info.st_uid != os.getuid():
         raise UsageError(f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
                          "keeps conversations only in a folder of your own",
-                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; or set CHAT_PY_HOME)")
+                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; "
+                              "or set CHAT_PY_HOME)")
     if info.st_mode & 0o022:
         raise UsageError(f"the folder {folder} is writable by others, who could plant files there",
                          hint=f"(chmod 700 {shlex.quote(folder)} fixes it)")
 
-
 def make_folder(folder: str) -> None:
     """Create folder and any missing parents, each 0700 whatever the umask."""
-    missing, path = [], os.path.abspath(folder)
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
-        missing.append(path)
-        path = os.path.dirname(path)
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(path, 0o700)
-
+    umask = os.umask(0o077)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    finally:
+        os.umask(umask)
 
 def open_private(path: str, flags: int = os.O_RDONLY) -> int:
-    """A file descriptor for a regular file in the state folder, never through a symbolic link
-    (a link or a device planted there would redirect the read or write)."""
+    """A file in the state folder, never through a link, and only a regular file."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise IsADirectoryError(0, "not a regular file")
     return fd
-
 
 def read_private(path: str) -> bytes:
     try:
@@ -1533,7 +1336,6 @@ def read_private(path: str) -> bytes:
             return file.read()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-
 
 def check_name(name: str) -> str:
     """A conversation name, checked before any file is touched: it can never become a path."""
@@ -1543,14 +1345,12 @@ def check_name(name: str) -> str:
                          "'.', '_' or '-', not starting with '.'")
     return name
 
-
 def new_name(folder: str) -> str:
     """A fresh conversation name that sorts by time, such as 20261126-191002-a3f."""
     while True:
         name = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(2).hex()[:3]
         if not os.path.lexists(os.path.join(folder, f"{name}.jsonl")):
             return name
-
 
 def not_a_file(path: str) -> str | None:
     """Why a conversation file cannot be used (a link, a folder, a device), or None."""
@@ -1559,10 +1359,8 @@ def not_a_file(path: str) -> str | None:
         return "is a symbolic link, which chat.py does not follow"
     return None if stat.S_ISREG(mode) else "is not a regular file"
 
-
 def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
-    """(modification time, name) of each saved conversation, the newest first; anything else
-    named *.jsonl (a link, a folder) is skipped with a warning."""
+    """(modification time, name) of each conversation, newest first; links are skipped, with a warning."""
     check_folder(folder)
     try:
         entries = [entry for entry in os.scandir(folder) if entry.name.endswith(".jsonl")]
@@ -1578,7 +1376,6 @@ def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
             env.warn(f"skipped {entry.path}: {not_a_file(entry.path)}")
     return sorted(found, reverse=True)
 
-
 def conversation_path(folder: str, name: str) -> str:
     """The file of an existing conversation; an unknown name, a link or a device is a usage error."""
     check_folder(folder)
@@ -1592,17 +1389,13 @@ def conversation_path(folder: str, name: str) -> str:
         raise UsageError(f"{path} {problem}")
     return path
 
-
 def newest_conversation(folder: str, env: Env) -> str:
-    saved = saved_conversations(folder, env)
-    if not saved:
-        raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
-    return saved[0][1]
-
+    for _, name in saved_conversations(folder, env):
+        return name
+    raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
 
 def load_turns(path: str, env: Env) -> list[dict]:
-    """The turns of a saved conversation. A line that is not a turn (a torn write, a bad hand
-    edit) is skipped with a warning; a retried turn replaces the one before it."""
+    """A conversation's turns; a line that is not one is skipped with a warning, a retry replaces one."""
     turns = []
     for number, line in enumerate(read_private(path).split(b"\n"), 1):  # U+2028 is no line break
         if not line.strip():
@@ -1620,7 +1413,6 @@ def load_turns(path: str, env: Env) -> list[dict]:
         turns.append(turn)
     return turns
 
-
 def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: Env) -> Conversation:
     """The conversation this run goes on with (-c, --chat NAME), or a new one."""
     if args.continue_ and args.chat is not None:
@@ -1633,11 +1425,8 @@ def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: En
         conversation.turns = load_turns(conversation_path(folder, name), env)
     return conversation
 
-
 def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]) -> None:
-    """Append a turn as one line with one write, then fsync; files are never rewritten. The
-    folder is made 0700 and the file 0600, whatever the umask; the key is never written, even
-    when a server echoes it back."""
+    """Append a turn as one line with one write, then fsync, to a 0600 file; no secret is written."""
     check_folder(conversation.folder)
     make_folder(conversation.folder)
     data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
@@ -1656,26 +1445,21 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
     finally:
         os.close(fd)
 
-
 def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
-    """Keep a finished turn; a retry replaces the turn before it. Saving never costs the
-    reply: a failure to write is a warning."""
+    """Keep a finished turn (a retry replaces the last); a failure to save is a warning."""
     if retry:
         conversation.turns.pop()
     conversation.turns.append(turn)
-    if not conversation.save:
-        return
     try:
-        append_line(conversation, {"retry": True, **turn} if retry else turn, env.secrets)
+        if conversation.save:
+            append_line(conversation, {"retry": True, **turn} if retry else turn, env.secrets)
     except UsageError as exc:
         env.warn(f"could not save the conversation: {exc}", f" {exc.hint}" if exc.hint else "")
     except OSError as exc:
         env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
 
-
 def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str) -> dict:
-    """A turn as it is saved: when, which model and server, the question as sent and where its
-    images came from, the answer and the model that says it answered."""
+    """A turn as it is saved."""
     first = body["messages"][0]
     return drop_nones({
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -1690,14 +1474,11 @@ def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], b
         "base_url": public_url(base_url),
     })
 
-
 def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
-
 def list_conversations(folder: str, env: Env) -> None:
-    """--chats: one line per conversation, newest first: name, turns, last time, the start of
-    its first question. Lines are counted as bytes; only the first is parsed."""
+    """--chats: one line per conversation, newest first; only its first line is parsed."""
     saved = saved_conversations(folder, env)
     if not saved:
         env.say(f"no saved conversations in {folder}")
@@ -1712,22 +1493,18 @@ def list_conversations(folder: str, env: Env) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
         env.write(f"{name:<{width}}  {plural(turns, 'turn'):>9}  {when}  {question}\n")
 
-
 def readable(turn: dict) -> str:
-    """A turn's question as text, then an [image: ...] line per image: the file or URL it came
-    from when the turn says, else its URL with Base64 elided."""
+    """A turn's question, then an [image: ...] line per image, named as the user gave it."""
     content = turn["user"].get("content")
-    urls = [part["image_url"] for part in content if isinstance(part, dict) and part.get("type") == "image_url"
-            ] if isinstance(content, list) else []
-    urls = [url.get("url") if isinstance(url, dict) else url for url in urls]
+    parts = content if isinstance(content, list) else []
+    urls = [part["image_url"].get("url") for part in parts
+            if isinstance(part, dict) and isinstance(part.get("image_url"), dict)]
     sources = turn["images"] if isinstance(turn.get("images"), list) else urls
-    return "\n".join([message_text(content) or ""] + [f"[image: {elide_base64(str(source))}]" for source in sources])
-
+    return "\n".join([message_text(content) or ""] + [f"[image: {elide_base64(str(s))}]" for s in sources])
 
 def show_conversation(path: str, env: Env) -> None:
     """--show: the conversation for a person to read, each question and answer in order."""
     from datetime import datetime
-
     turns, system = load_turns(path, env), None
     env.write(f"conversation {os.path.basename(path).removesuffix('.jsonl')}: {plural(len(turns), 'turn')}\n")
     for turn in turns:
@@ -1735,45 +1512,34 @@ def show_conversation(path: str, env: Env) -> None:
             system = turn.get("system")
             env.write(f"\nsystem prompt: {system or '(none)'}\n")
         try:
-            when = datetime.fromisoformat(str(turn.get("time")).replace("Z", "+00:00")).astimezone()
-            when = when.strftime("%Y-%m-%d %H:%M")
+            when = datetime.fromisoformat(str(turn.get("time")).replace("Z", "+00:00"))
+            when = when.astimezone().strftime("%Y-%m-%d %H:%M")
         except ValueError:
             when = str(turn.get("time"))
         env.write(f"\nyou, {when}:\n{readable(turn)}\n")
         env.write(f"\n{turn.get('answered_by') or turn.get('model') or 'assistant'}:\n{turn['assistant']}\n")
 
 
-def forget_conversations(paths: list[str], env: Env) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except OSError as exc:
-            raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
-        env.write(f"forgot {os.path.basename(path).removesuffix('.jsonl')} (deleted {path})\n")
 
 
 # ------------------------------------------------------------ the command line
 
-
-def number_type(convert, is_valid, wanted: str):
+def number_type(convert, wanted: str, is_valid=lambda value: True):
     """An argparse type: a finite number (convert is int or float) for which is_valid holds."""
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not is_valid(value):
+            value = math.nan
+        if not math.isfinite(value) or not is_valid(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
         return value
-
     return parse
-
 
 def raise_usage_error(message: str):
     # "argument --max-tokens: must be ..." reads better as "--max-tokens must be ..."
     raise UsageError(re.sub(r"^argument (\S+): must be", r"\1 must be", message) + " (see --help)")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -1786,57 +1552,43 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")
     add("-h", "--help", action="store_true", help="show this help and exit")
-    add("-c", "--continue", dest="continue_", action="store_true",
-        help="continue the conversation written last")
+    add("-c", "--continue", dest="continue_", action="store_true", help="continue the newest conversation")
     add("--chat", metavar="NAME", help="continue conversation NAME, or start it")
     add("--chats", action="store_true", help="list the saved conversations, newest first")
-    add("--show", nargs="?", const="", metavar="NAME", help="print a saved conversation (default: the newest)")
+    add("--show", nargs="?", const="", metavar="NAME", help="print a conversation (default: the newest)")
     add("--forget", nargs="+", metavar="NAME", help="delete saved conversations")
     add("--no-save", action="store_true", help="do not save this run (or set CHAT_PY_NO_SAVE=1)")
-    add("-f", "--file", action="append", default=[], metavar="PATH",
-        help="add a text file to the question (repeatable)")
-    add("--image", action="append", default=[], metavar="PATH_OR_URL",
-        help="attach an image file or http(s)/data: URL (repeatable)")
-    add("--detail", choices=["low", "high", "original", "auto"],
-        help="image detail level, also how far local images are shrunk")
-    add("--schema", metavar="SPEC", help="answer in JSON: a JSON Schema, @file.json, or fields "
-        "such as 'name, age int, bio: one sentence'")
-    add("--stream", action=argparse.BooleanOptionalAction, default=None,
-        help="print the reply as it is generated (default: on in a conversation)")
+    add("-f", "--file", action="append", default=[], metavar="PATH", help="add a text file (repeatable)")
+    add("--image", action="append", default=[], metavar="PATH_OR_URL", help="attach an image (repeatable)")
+    add("--detail", choices=["low", "high", "original", "auto"], help="image detail, and how far to shrink")
+    add("--schema", metavar="SPEC", help="answer in JSON: a JSON Schema, @file.json or 'name, age int'")
+    add("--stream", action=argparse.BooleanOptionalAction, help="print the reply as it arrives")
     add("-m", "--model", metavar="NAME", help=f"model (env OPENAI_MODEL, else {DEFAULT_MODEL})")
     add("-s", "--system", metavar="TEXT", help="system prompt ('' for none)")
-    add("--temperature", type=number_type(float, lambda value: True, "a number"), metavar="F",
-        help="sampling temperature")
-    add("--max-tokens", type=number_type(int, lambda value: value >= 1, "a whole number of at least 1"),
+    add("--temperature", type=number_type(float, "a number"), metavar="F", help="sampling temperature")
+    add("--max-tokens", type=number_type(int, "a whole number of at least 1", lambda value: value >= 1),
         metavar="N", help="most tokens in the reply")
-    add("--reasoning-effort", metavar="LEVEL",
-        help="sent as reasoning_effort (none, minimal, low, medium, high ...: servers differ)")
-    add("--reasoning", choices=["show", "hide"],
-        help="show the model's reasoning on stderr (default: when stderr is a terminal)")
+    add("--reasoning-effort", metavar="LEVEL", help="sent as reasoning_effort (servers differ)")
+    add("--reasoning", choices=["show", "hide"], help="reasoning on stderr (default: shown on a terminal)")
     add("-o", "--option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
         help="set any body field: VALUE as JSON, else text; null leaves it out (repeatable)")
     add("-u", "--usage", action="store_true", help="print the token usage on stderr")
     add("--models", action="store_true", help="list the server's models and exit")
     add("--base-url", metavar="URL", help=f"API root (env OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
-    add("--timeout", type=number_type(float, lambda value: value > 0, "a number of seconds above 0"),
-        default=DEFAULT_TIMEOUT, metavar="S",
-        help=f"seconds to wait for each read (default: %(default)g); connecting waits at most {CONNECT_TIMEOUT:g}")
-    add("--retries", type=number_type(int, lambda value: value >= 0, "a whole number of at least 0"),
-        default=DEFAULT_RETRIES, metavar="N",
-        help="retries after 429, 5xx, connection failures (default: %(default)s)")
+    add("--timeout", type=number_type(float, "a number of seconds above 0", lambda value: value > 0),
+        default=DEFAULT_TIMEOUT, metavar="S", help="seconds to wait for each read (default: %(default)g)")
+    add("--retries", type=number_type(int, "a whole number of at least 0", lambda value: value >= 0),
+        default=DEFAULT_RETRIES, metavar="N", help="retries after 429, 5xx, failed connections (default: 2)")
     add("-v", "--verbose", action="store_true", help="trace the HTTP exchange on stderr (the key masked)")
     add("--curl", action="store_true", help="print the equivalent curl command and send nothing")
     add("--version", action="store_true", help="print the version and exit")
     parser.error = raise_usage_error
     return parser
 
-
 def read_dotenv(env: Env) -> dict[str, str]:
-    """OPENAI_API_KEY, OPENAI_BASE_URL and OPENAI_MODEL from ./.env, and nothing else: they never
-    enter the environment. A line python-dotenv cannot parse is a warning naming it."""
+    """DOTENV_NAMES from ./.env, and nothing else; nothing of it enters the environment."""
     import io
     import logging
-
     try:
         fd = os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -1847,11 +1599,9 @@ def read_dotenv(env: Env) -> dict[str, str]:
         env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
         return {}
     from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a .env
-
     def warn_instead(record: logging.LogRecord) -> bool:
         env.warn(".env: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
         return False
-
     logger = logging.getLogger("dotenv.main")
     logger.addFilter(warn_instead)
     try:
@@ -1865,11 +1615,11 @@ def read_dotenv(env: Env) -> dict[str, str]:
     return {name: value.strip() for name, value in values.items()
             if name in DOTENV_NAMES and value and value.strip()}
 
-
 def make_server(args: argparse.Namespace, env: Env) -> Server:
     """The base URL and key from the command line, the environment, then ./.env."""
     dotenv = read_dotenv(env)
-    base_url = args.base_url or env.get("OPENAI_BASE_URL") or dotenv.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    chosen = args.base_url or env.get("OPENAI_BASE_URL")
+    base_url = chosen or dotenv.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
     parts = urlsplit(base_url)
     try:
         port_ok = parts.port != 0  # .port raises for a port that is not a number, or too large
@@ -1880,14 +1630,12 @@ def make_server(args: argparse.Namespace, env: Env) -> Server:
     key = env.get("OPENAI_API_KEY") or dotenv.get("OPENAI_API_KEY", "")
     env.secrets = tuple(secret for secret in (key, parts.password) if secret)
     return Server(base_url, key, args.timeout, args.retries,
-                  url_from_dotenv=not args.base_url and not env.get("OPENAI_BASE_URL") and "OPENAI_BASE_URL" in dotenv,
+                  url_from_dotenv=not chosen and "OPENAI_BASE_URL" in dotenv,
                   key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
                   model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"))
 
-
 def check_key(server: Server, env: Env) -> None:
-    """Before anything is sent: the key must fit in a header, go only where its owner sent it,
-    and OpenAI's hosts need one; sending it unencrypted to another machine deserves a warning."""
+    """Before anything is sent: the key must fit in a header and go only where its owner sent it."""
     where = urlsplit(server.base_url)
     if not server.key and is_openai_host(server.base_url):
         raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
@@ -1905,11 +1653,9 @@ def check_key(server: Server, env: Env) -> None:
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
 
-
 def make_settings(args: argparse.Namespace, env: Env, server: Server, options: list,
                   schema: dict | None, conversation: Conversation, interactive: bool) -> Settings:
-    """The run's settings; a continued conversation keeps its last model and system prompt
-    unless -m or -s say otherwise."""
+    """The run's settings; a continued conversation keeps its model and system prompt."""
     last = conversation.turns[-1] if conversation.turns else {}
     return Settings(
         model=args.model or last.get("model") or server.model or DEFAULT_MODEL,
@@ -1919,7 +1665,6 @@ def make_settings(args: argparse.Namespace, env: Env, server: Server, options: l
         stream=args.stream if args.stream is not None else interactive, usage=args.usage,
         show_reasoning=args.reasoning == "show" or (args.reasoning is None and env.stderr_tty),
         verbose=args.verbose)
-
 
 def prepare_images(sources: list[str], detail: str | None, verbose: bool, env: Env) -> list[str]:
     """The URL to send for each --image; with -v, a line per image saying what and why."""
@@ -1931,14 +1676,13 @@ def prepare_images(sources: list[str], detail: str | None, verbose: bool, env: E
         urls.append(url)
     return urls
 
-
-def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
+def curl_command(server: Server, body: dict) -> str:
     """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
     import shlex
-
-    lines = [f"curl {'-N ' if stream else ''}{shlex.quote(shown_url(url))}",
+    url = shown_url(api_url(server.base_url, "/chat/completions"))
+    lines = [f"curl {'-N ' if body.get('stream') else ''}{shlex.quote(url)}",
              "-H 'Content-Type: application/json'", f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}"]
-    if send_key:
+    if server.key or is_openai_host(server.base_url):
         lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
     lines.append("--data-binary @- <<'JSON'")
     # A pretty-printed JSON document never has a line that is only JSON.
@@ -1947,46 +1691,39 @@ def curl_command(url: str, body: dict, send_key: bool, stream: bool) -> str:
 
 # ------------------------------------------------------------------------ main
 
-
-def explain(error: ChatError, settings: Settings, turns: list[dict]) -> None:
-    """Add the advice a failed question needs: a full context, a long think."""
-    if isinstance(error, ApiError) and error.overflow:
-        error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the model's "
-                      "context: start a new conversation (no -c), or set a smaller --max-tokens)" if turns
-                      else "(the question alone fills the model's context: shorten it, or set a smaller "
-                      "--max-tokens)")
-    elif isinstance(error, TimedOut) and settings.reasoning_effort:
-        error.hint = "(a long think may need --stream or a larger --timeout)"
-
-
 def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = False) -> Reply:
-    """Send the conversation so far and the new question, show the reply, save the turn.
-    With retry, the question replaces the last turn's."""
+    """Send the conversation and the new question, show the reply, save the turn."""
     env, settings, server = chat.env, chat.settings, chat.server
     turns = chat.conversation.turns[:-1] if retry else chat.conversation.turns
     question = message_text(user_message["content"]) or ""
     if len(question) > LARGE_QUESTION:
-        env.warn(f"a large question: about {len(question) // CHARS_PER_TOKEN:,} tokens "
+        env.warn(f"a large question: about {len(question) // 4:,} tokens "
                  f"({len(question):,} characters); a small model's context may not hold it")
     body = build_body(settings, build_messages(turns, user_message, settings.system), server.base_url)
     trace = Trace(env, server.key) if settings.verbose else None
     output = Output(env, settings.show_reasoning, spin=not trace)  # the trace shows progress itself
 
     def read(response, streamed: bool) -> Reply:
-        if streamed:
-            return stream_reply(response, server, output, trace)
-        return read_reply(response, server, trace)
+        return (stream_reply(response, server, output, trace) if streamed
+                else read_reply(response, server, trace))
 
     outcome = "interrupted"
     try:
         reply = call(chat.session, server, "/chat/completions", body, read, env, trace,
                      json_object_fallback(body, settings.schema))
         if not reply.streamed:
-            output.show(reply)
+            output.reasoning(reply.reasoning)
+            output.text(reply.text)
         outcome = "complete"
     except ChatError as error:
         outcome = "failed"
-        explain(error, settings, turns)
+        if isinstance(error, ApiError) and error.overflow:  # advice for a full context, a long think
+            error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
+                          "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
+                          if turns else "(the question alone fills the model's context: shorten it, or "
+                          "set a smaller --max-tokens)")
+        elif isinstance(error, TimedOut) and settings.reasoning_effort:
+            error.hint = "(a long think may need --stream or a larger --timeout)"
         raise
     finally:
         output.finish(outcome)
@@ -2001,32 +1738,33 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
     keep_turn(chat.conversation, make_turn(body, user_message, reply, images, server.base_url), env, retry)
     return reply
 
-
 def print_models(server: Server, verbose: bool, env: Env) -> int:
     """--models: the ids the server lists at BASE_URL/models, sorted, one per line."""
     import requests
-
     trace = Trace(env, server.key) if verbose else None
     with requests.Session() as session:
-        models = call(session, server, "/models", None, lambda response, _: read_models(response, server, trace),
-                      env, trace)
+        models = call(session, server, "/models", None,
+                      lambda response, _: read_models(response, server, trace), env, trace)
     if not models:
         env.warn("the server lists no models")
     for model in models:
         env.write(model + "\n")
     return ExitStatus.OK
 
-
 def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int:
     """--chats, --show and --forget: no network, no key."""
     if args.chats:
         list_conversations(folder, env)
     elif args.forget:
-        forget_conversations([conversation_path(folder, name) for name in args.forget], env)
+        for name, path in [(name, conversation_path(folder, name)) for name in args.forget]:
+            try:
+                os.remove(path)
+            except OSError as exc:
+                raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
+            env.write(f"forgot {check_name(name)} (deleted {path})\n")
     else:
         show_conversation(conversation_path(folder, args.show or newest_conversation(folder, env)), env)
     return ExitStatus.OK
-
 
 def run(args: argparse.Namespace, env: Env) -> int:
     """The program without its error handling."""
@@ -2059,14 +1797,10 @@ def run(args: argparse.Namespace, env: Env) -> int:
     if args.curl:
         messages = build_messages(conversation.turns, build_user_message(question, image_urls, args.detail),
                                   settings.system)
-        body = build_body(settings, messages, server.base_url)
-        send_key = bool(server.key) or is_openai_host(server.base_url)
-        env.write(curl_command(api_url(server.base_url, "/chat/completions"), body, send_key, settings.stream)
-                  + "\n")
+        env.write(curl_command(server, build_body(settings, messages, server.base_url)) + "\n")
         return ExitStatus.OK
 
     import requests
-
     with requests.Session() as session:
         chat = Chat(env, server, settings, conversation, session)
         if interactive:
@@ -2074,10 +1808,8 @@ def run(args: argparse.Namespace, env: Env) -> int:
         ask(chat, build_user_message(question, image_urls, args.detail), args.image)
     return ExitStatus.OK
 
-
 def main(argv: list[str] | None = None, env: Env | None = None) -> int:
-    """Run chat.py; return the exit status. Failures end here as one error line (a conversation
-    reports a failed turn itself and goes on). Without env, the surroundings are this process's."""
+    """Run chat.py (in env, or this process) and return the exit status; failures end here."""
     if env is None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         env = Env.of_process()
@@ -2100,7 +1832,6 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
                              "with the python of the venv you installed into)")
         if env.get("CHAT_PY_TRACEBACK"):
             import traceback
-
             env.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
                                     env.secrets))
         elif isinstance(exc, ChatError):
@@ -2124,15 +1855,12 @@ HELP = """\
 \"\"\"            on a line of its own: start a multi-line message; end it with another
 //text         send "/text" as a message"""
 
-
 def parse_command(line: str) -> tuple[str, str]:
-    """The /command in a line and its argument, or ("", "") for a message: a known command,
-    or any other single word starting with /. A line starting with // is a message."""
+    """The /command in a line and its argument, or ("", "") for a message (// starts one)."""
     word, *rest = line.split(maxsplit=1) or [""]
     if not word.startswith("/") or word.startswith("//") or (rest and word not in COMMANDS):
         return "", ""
     return word, rest[0].strip() if rest else ""
-
 
 def run_command(command: str, argument: str, settings: Settings) -> str:
     """What /help, /model, /system and an unknown command answer."""
@@ -2145,7 +1873,6 @@ def run_command(command: str, argument: str, settings: Settings) -> str:
         settings.system = argument or settings.system
         return f"(system prompt: {settings.system or 'none'})"
     return f"(unknown command {command}, /help lists them; //{command[1:]} sends it as a message)"
-
 
 def banner(chat: Chat) -> str:
     """Lines of at most 80 columns: what answers, and which conversation this is."""
@@ -2160,12 +1887,9 @@ def banner(chat: Chat) -> str:
     lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
     return "\n".join(line if len(line) <= BANNER_CHARS else line[:BANNER_CHARS - 1] + "…" for line in lines)
 
-
 def enable_line_editing(history: str) -> bool:
-    """Line editing for input() where Python has readline, with the lines kept in history (a
-    file in the state folder) loaded; with GNU readline also bracketed paste, so a pasted block
-    is one message (CPython turns it off). Returns whether readline itself ends the line after
-    Ctrl-D: from version 8.2 on, it does once bracketed paste is on."""
+    """Readline with its history, and bracketed paste (a pasted block is one message). Returns
+    whether readline ends the line after Ctrl-D itself, as GNU readline 8.2 does with paste on."""
     try:
         import readline
     except ImportError:
@@ -2180,36 +1904,30 @@ def enable_line_editing(history: str) -> bool:
     readline.parse_and_bind("set enable-bracketed-paste on")
     return getattr(readline, "_READLINE_RUNTIME_VERSION", 0) >= 0x0802
 
-
 def save_history(history: str, env: Env) -> None:
-    """The last HISTORY_LINES lines typed, one per line, in a private file (a pasted block of
-    several lines is left out: it would come back as many)."""
+    """The last lines typed, in a private file (not pasted blocks: they would come back as many)."""
     import readline
-
-    items = [readline.get_history_item(number) for number in range(1, readline.get_current_history_length() + 1)]
-    lines = [item for item in items if item and "\n" not in item][-HISTORY_LINES:]
+    count = readline.get_current_history_length()
+    lines = [line for line in map(readline.get_history_item, range(1, count + 1))
+             if line and "\n" not in line]
     try:
         check_folder(os.path.dirname(history))
         make_folder(os.path.dirname(history))
         fd = open_private(history, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.fchmod(fd, 0o600)
         with open(fd, "w", encoding="utf-8") as file:
-            file.write("".join(line + "\n" for line in lines))
+            file.write("".join(line + "\n" for line in lines[-HISTORY_LINES:]))
     except (OSError, UsageError) as exc:
         env.warn(f"could not save the line history to {history}: {getattr(exc, 'strerror', None) or exc}")
 
-
 def read_message(env: Env) -> str:
-    """One message: a line, a pasted block, or the lines between two lines of just \"\"\".
-    The prompts go to the terminal: to stderr when stdout is redirected."""
+    """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal."""
 
     def read_line(prompt: str) -> str:
-        if env.stdout_tty:
-            return env.read_line(prompt)
-        env.stderr.write(prompt)
-        env.stderr.flush()
-        return env.read_line("")
-
+        if not env.stdout_tty:
+            env.stderr.write(prompt)
+            env.stderr.flush()
+        return env.read_line(prompt if env.stdout_tty else "")
     line = read_line("> ")
     if line.strip() != '"""':
         return line.strip("\n") if "\n" in line else line.strip()  # a paste keeps its indentation
@@ -2218,8 +1936,7 @@ def read_message(env: Env) -> str:
         lines.append(line)
     return "\n".join(lines).strip("\n")
 
-
-def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[str], detail: str | None) -> int:
+def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], detail: str | None) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
     env = chat.env
     history = os.path.join(chat.conversation.folder, HISTORY_FILE)
@@ -2259,8 +1976,8 @@ def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[
                 continue
             if not command:
                 text = line[1:] if line.startswith("//") else line
-                last = (build_user_message(build_question([], text, [] if attached else files),
-                                           [] if attached else image_urls, detail), [] if attached else sources)
+                now = ([], [], []) if attached else (files, urls, sources)  # files, URLs, image sources
+                last = build_user_message(build_question([], text, now[0]), now[1], detail), now[2]
             turns = chat.conversation.turns
             try:
                 ask(chat, *last, retry=command == "/retry" and bool(turns) and turns[-1]["user"] is last[0])
@@ -2272,7 +1989,6 @@ def converse(chat: Chat, files: list[str], sources: list[str], image_urls: list[
     finally:
         if editing and chat.conversation.save:
             save_history(history, env)
-
 
 if __name__ == "__main__":
     sys.exit(main())

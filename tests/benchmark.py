@@ -496,7 +496,8 @@ def main() -> int:
             # once: the course's loop is too slow for more (see COURSE_CAP)
             floor, _ = checked([PYTHON, "-c", COURSE_STREAM, url, KEY], sent, COURSE_CAP)
         name = f"SSE: one {size // 1_000_000} MB event line"
-        row(f"{name}, wall time", ours[0], floor or COURSE_CAP, "s", "seconds", stopped=floor is None)
+        row(f"{name}, wall time", ours[0], floor or COURSE_CAP, "s", "seconds, not minutes",
+            stopped=floor is None)
         row(f"{name}, peak RSS", ours[1], requests_rss + size / 2**20, "MiB", "small multiple")
         line_walls.append(ours[0] - start_up)
     row("SSE: 50 MB vs 25 MB line, wall time beyond a 1-delta stream", line_walls[1], line_walls[0], "s",
