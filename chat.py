@@ -100,8 +100,8 @@ CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available co
                               r"maximum context length|context window|context length", re.I)
 MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
 DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
-PACKAGES = {  # what to install, by the module that fails to import without it
-            "requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
+# What to install, by the module that fails to import without it.
+PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
             "idna": "requests", "certifi": "requests", "dotenv": "python-dotenv", "PIL": "Pillow"}
 
 
@@ -163,8 +163,6 @@ def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS
 
 def visible(text: str) -> str:
     """text with each character a terminal would obey as a command shown as an escape (\\x1b)."""
-    if not CONTROL_CHARS.search(text):
-        return text
     return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 def host_of(url: str) -> str:
@@ -179,14 +177,14 @@ def shown_url(url: str) -> str:
     return parts._replace(netloc=f"{parts.username}:***@{host_of(url)}").geturl()
 
 class Spinner:
-    """A stderr line counting the seconds waited, until stop() erases it; lines said go above it."""
+    """A stderr line counting the seconds waited, until stop() erases it."""
 
     FRAMES = "|/-\\"
 
     def __init__(self, stream, color: bool):
         import threading
         self.stream, self.color, self.shown = stream, color, False
-        self.lock, self.stopping = threading.Lock(), threading.Event()
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.spin, daemon=True)
         self.thread.start()
 
@@ -194,34 +192,26 @@ class Spinner:
         started, frame = time.monotonic(), 0
         while not self.stopping.wait(0.1):
             line = f"{self.FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
-            self.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
-            self.shown, frame = True, frame + 1
-
-    def write(self, text: str) -> None:
-        with self.lock:
-            self.stream.write(text)
+            self.stream.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
             self.stream.flush()
-
-    def above(self, line: str) -> None:
-        self.write((ERASE_LINE if self.shown else "") + line + "\n")
+            self.shown, frame = True, frame + 1
 
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join()
         if self.shown:  # erased to the end of the line: a ^C the terminal echoed goes too
-            self.write(ERASE_LINE)
+            self.stream.write(ERASE_LINE)
+            self.stream.flush()
 
 class Env:
-    """The process's surroundings: its streams, which of them are terminals, its environment
-    variables, its current folder, how it reads a line and waits. main() makes one from the
-    real process; a test passes its own. What chat.py shows goes through here: on stderr
-    always, and on stdout when it is a terminal, control characters are made visible."""
+    """The process's surroundings: streams, terminal flags, environment, folder, how to read a line
+    and wait. main() makes one of the process; tests make their own. What chat.py shows goes through
+    here, control characters made visible on stderr, and on stdout when it is a terminal."""
 
     def __init__(self, stdin=None, stdout=None, stderr=None, environ: dict | None = None,
                  cwd: str = ".", ttys: tuple[bool, bool, bool] = (False, False, False),
                  read_line=input, sleep=time.sleep):
-        self.stdin = stdin  # binary; None when the process started with stdin closed
-        self.stdout, self.stderr = stdout, stderr  # text
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr  # stdin binary (None: closed)
         self.environ, self.cwd = {} if environ is None else environ, cwd
         self.stdin_tty, self.stdout_tty, self.stderr_tty = ttys
         self.read_line, self.sleep = read_line, sleep
@@ -252,13 +242,13 @@ class Env:
         self.stdout.write(visible(text) if self.stdout_tty else text)
 
     def say(self, line: str) -> None:
-        """One line on stderr, secrets redacted and control characters made visible."""
-        line = visible(redact(line, self.secrets))
-        if self.spinner:
-            self.spinner.above(line)
-        else:
-            self.stderr.write(line + "\n")
-            self.stderr.flush()
+        """One line on stderr, secrets redacted and control characters made visible; a spinner
+        starts again below it."""
+        spinning = self.stop_spinner()
+        self.stderr.write(visible(redact(line, self.secrets)) + "\n")
+        self.stderr.flush()
+        if spinning:
+            self.start_spinner()
 
     def warn(self, message: str, tail: str = "") -> None:
         """warning: MESSAGE, cut to fit one line, then the tail whole."""
@@ -273,10 +263,13 @@ class Env:
         if self.stderr_tty and not self.spinner:
             self.spinner = Spinner(self.stderr, self.color)
 
-    def stop_spinner(self) -> None:
+    def stop_spinner(self) -> bool:
+        """Stop the spinner, if one runs; returns whether one did."""
         if self.spinner:
             self.spinner.stop()
             self.spinner = None
+            return True
+        return False
 
 # Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
 # a seventh of chat.py's start-up.
@@ -450,16 +443,12 @@ def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
 def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
     """The chat-completions request body, holding only the fields that were asked for."""
     body = drop_nones({
-        "model": settings.model,
-        "messages": messages,
-        "temperature": settings.temperature,
-        max_tokens_field(base_url): settings.max_tokens,
-        "reasoning_effort": settings.reasoning_effort,
+        "model": settings.model, "messages": messages, "temperature": settings.temperature,
+        max_tokens_field(base_url): settings.max_tokens, "reasoning_effort": settings.reasoning_effort,
         "response_format": schema_format(settings.schema) if settings.schema else None,
         "stream": True if settings.stream else None,
         # Only with -u: some servers reject the field.
-        "stream_options": {"include_usage": True} if settings.stream and settings.usage else None,
-    })
+        "stream_options": {"include_usage": True} if settings.stream and settings.usage else None})
     for key, value in settings.options:
         if value is None:
             body.pop(key, None)
@@ -858,11 +847,10 @@ def api_error(response, body: bytes) -> ApiError:
         return ApiError(message, code, hint="(the account is out of quota: add credit, retrying will "
                                             "not help)", **details)
     hint, url = "", urlsplit(response.url)
-    if code == 404 and url.path in ("/chat/completions", "/models"):
-        hint = (f"({response.request.method} {shown_url(response.url)}: the base URL has no path; try "
-                f"--base-url {shown_url(f'{url.scheme}://{url.netloc}/v1')})")
-    elif code == 404:
-        advice = ("this server lists no models" if url.path.endswith("/models") else
+    if code == 404:  # say where the request went, and what to check
+        advice = (f"the base URL has no path; try --base-url {shown_url(f'{url.scheme}://{url.netloc}/v1')}"
+                  if url.path in ("/chat/completions", "/models") else "this server lists no models"
+                  if url.path.endswith("/models") else
                   "check --base-url, and --model against what python chat.py --models lists")
         hint = f"({response.request.method} {shown_url(response.url)}: {advice})"
     should_retry = response.headers.get("x-should-retry", "").lower()
@@ -1462,17 +1450,11 @@ def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], b
     """A turn as it is saved."""
     first = body["messages"][0]
     return drop_nones({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": body.get("model"),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": body.get("model"),
         "system": first["content"] if first.get("role") == "system" else None,
-        "user": user_message,
-        "images": list(images) or None,
-        "assistant": reply.text,
-        "answered_by": reply.model,
-        "finish_reason": reply.finish_reason,
-        "usage": reply.usage,
-        "base_url": public_url(base_url),
-    })
+        "user": user_message, "images": list(images) or None,
+        "assistant": reply.text, "answered_by": reply.model, "finish_reason": reply.finish_reason,
+        "usage": reply.usage, "base_url": public_url(base_url)})
 
 def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
@@ -1543,9 +1525,8 @@ def raise_usage_error(message: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chat.py", add_help=False,
-        description="Ask an OpenAI-compatible chat-completions API. With no question on a terminal, "
-        "start a conversation. Answered questions are saved: -c goes on.",
+        prog="chat.py", add_help=False, description="Ask an OpenAI-compatible chat-completions API. "
+        "With no question on a terminal, start a conversation. Answered questions are saved: -c goes on.",
         epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, "
         "70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY (or .env); "
         "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.")
@@ -1590,11 +1571,10 @@ def read_dotenv(env: Env) -> dict[str, str]:
     import io
     import logging
     try:
-        fd = os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK)
+        with open(os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
     except OSError:
         return {}
-    with open(fd, "rb") as file:
-        data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(fd).st_mode) else None
     if data is None or len(data) > MAX_DOTENV:
         env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
         return {}
@@ -1608,8 +1588,7 @@ def read_dotenv(env: Env) -> dict[str, str]:
         values = dotenv_values(stream=io.StringIO(data.decode("utf-8", "replace")), interpolate=False)
     finally:
         logger.removeFilter(warn_instead)
-    ignored = sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name))
-    if ignored:
+    if ignored := sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name)):
         env.warn(f".env: {', '.join(ignored)} ignored: a .env sets only {', '.join(DOTENV_NAMES)}; "
                  "set the others in your shell")
     return {name: value.strip() for name, value in values.items()
@@ -1653,28 +1632,19 @@ def check_key(server: Server, env: Env) -> None:
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
 
-def make_settings(args: argparse.Namespace, env: Env, server: Server, options: list,
-                  schema: dict | None, conversation: Conversation, interactive: bool) -> Settings:
+def make_settings(args: argparse.Namespace, env: Env, server: Server, conversation: Conversation,
+                  interactive: bool) -> Settings:
     """The run's settings; a continued conversation keeps its model and system prompt."""
     last = conversation.turns[-1] if conversation.turns else {}
     return Settings(
         model=args.model or last.get("model") or server.model or DEFAULT_MODEL,
         system=args.system if args.system is not None else last.get("system"),
         temperature=args.temperature, max_tokens=args.max_tokens,
-        reasoning_effort=args.reasoning_effort, options=options, schema=schema,
+        reasoning_effort=args.reasoning_effort, options=parse_options(args.option),
+        schema=parse_schema(args.schema, env) if args.schema is not None else None,
         stream=args.stream if args.stream is not None else interactive, usage=args.usage,
         show_reasoning=args.reasoning == "show" or (args.reasoning is None and env.stderr_tty),
         verbose=args.verbose)
-
-def prepare_images(sources: list[str], detail: str | None, verbose: bool, env: Env) -> list[str]:
-    """The URL to send for each --image; with -v, a line per image saying what and why."""
-    urls = []
-    for source in sources:
-        url, note = image_url(source, detail, env)
-        if verbose:
-            env.say(f"* {note}")
-        urls.append(url)
-    return urls
 
 def curl_command(server: Server, body: dict) -> str:
     """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
@@ -1780,8 +1750,6 @@ def run(args: argparse.Namespace, env: Env) -> int:
         return print_models(server, args.verbose, env)
     if args.model == "":
         raise UsageError("-m/--model needs a model name")
-    options = parse_options(args.option)
-    schema = parse_schema(args.schema, env) if args.schema is not None else None
     saving = not args.no_save and env.get("CHAT_PY_NO_SAVE") in ("", "0")
     conversation = open_conversation(args, folder, saving, env)
     piped = read_piped_stdin(env)
@@ -1792,8 +1760,13 @@ def run(args: argparse.Namespace, env: Env) -> int:
         raise UsageError('no question given: try  python chat.py "Why is the sky blue?"')
     if not args.curl:
         check_key(server, env)
-    settings = make_settings(args, env, server, options, schema, conversation, interactive)
-    image_urls = prepare_images(args.image, args.detail, args.verbose, env)
+    settings = make_settings(args, env, server, conversation, interactive)
+    image_urls = []
+    for source in args.image:
+        url, note = image_url(source, args.detail, env)
+        image_urls.append(url)
+        if args.verbose:
+            env.say(f"* {note}")
     if args.curl:
         messages = build_messages(conversation.turns, build_user_message(question, image_urls, args.detail),
                                   settings.system)
