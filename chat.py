@@ -100,6 +100,7 @@ CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available co
                               r"maximum context length|context window|context length", re.I)
 MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
 DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
+SPINNER_FRAMES = "|/-\\"
 # What to install, by the module that fails to import without it.
 PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
             "idna": "requests", "certifi": "requests", "dotenv": "python-dotenv", "PIL": "Pillow"}
@@ -179,8 +180,6 @@ def shown_url(url: str) -> str:
 class Spinner:
     """A stderr line counting the seconds waited, until stop() erases it."""
 
-    FRAMES = "|/-\\"
-
     def __init__(self, stream, color: bool):
         import threading
         self.stream, self.color, self.shown = stream, color, False
@@ -191,7 +190,7 @@ class Spinner:
     def spin(self) -> None:
         started, frame = time.monotonic(), 0
         while not self.stopping.wait(0.1):
-            line = f"{self.FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
+            line = f"{SPINNER_FRAMES[frame % 4]} waiting {time.monotonic() - started:.0f} s"
             self.stream.write(ERASE_LINE + (f"{DIM}{line}{NORMAL}" if self.color else line))
             self.stream.flush()
             self.shown, frame = True, frame + 1
@@ -222,9 +221,8 @@ class Env:
     def of_process(cls) -> Env:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
-        streams = (sys.stdin, sys.stdout, sys.stderr)
-        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir,
-                   tuple(stream is not None and stream.isatty() for stream in streams))
+        ttys = tuple(stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr))
+        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir, ttys)
 
     def get(self, name: str) -> str:
         """An environment variable; empty and unset are the same."""
@@ -265,11 +263,10 @@ class Env:
 
     def stop_spinner(self) -> bool:
         """Stop the spinner, if one runs; returns whether one did."""
-        if self.spinner:
-            self.spinner.stop()
-            self.spinner = None
-            return True
-        return False
+        spinner, self.spinner = self.spinner, None
+        if spinner:
+            spinner.stop()
+        return spinner is not None
 
 # Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
 # a seventh of chat.py's start-up.
@@ -460,7 +457,6 @@ def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
     """-o KEY VALUE pairs, VALUE as JSON when it parses (NaN is no JSON), else as text."""
     def refuse(constant: str):
         raise ValueError(constant)
-
     options = []
     for key, text in pairs:
         if key in ("messages", "stream"):
@@ -553,10 +549,10 @@ def encode_image(image) -> tuple[str, bytes]:
     """Encode as JPEG, or as PNG when some pixel is transparent."""
     import io
     buffer = io.BytesIO()
-    if "A" in image.getbands() or "transparency" in image.info:
-        if image.convert("RGBA").getchannel("A").getextrema()[0] < 255:
-            image.convert("RGBA").save(buffer, "PNG")
-            return "image/png", buffer.getvalue()
+    if ("A" in image.getbands() or "transparency" in image.info) and (
+            image.convert("RGBA").getchannel("A").getextrema()[0] < 255):
+        image.convert("RGBA").save(buffer, "PNG")
+        return "image/png", buffer.getvalue()
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # Pillow's convert("L") clips 16-bit values at 255 instead of scaling them.
         image = image.convert("I")
@@ -999,13 +995,12 @@ def read_reply(response, server: Server, trace: Trace | None) -> Reply:
     if "error" in payload and "choices" not in payload:
         raise ApiError(f"the server reported an error: {error_message(payload) or json.dumps(payload)}")
     choices = payload.get("choices")
-    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise ApiError("unexpected reply from the server: no choices")
-    message = choices[0].get("message")
+    first = choices[0] if isinstance(choices, list) and choices else None
+    message = first.get("message") if isinstance(first, dict) else None
     if not isinstance(message, dict):
-        raise ApiError("unexpected reply from the server: no message in choices[0]")
+        raise ApiError("unexpected reply from the server: no choices")
     reply = Reply()
-    reply.choices, reply.finish_reason = len(choices), choices[0].get("finish_reason")
+    reply.choices, reply.finish_reason = len(choices), first.get("finish_reason")
     reply.usage, reply.reasoning = payload.get("usage"), reasoning_text(message)
     reply.model = payload.get("model") if isinstance(payload.get("model"), str) else None
     add_tool_calls(reply.tool_calls, message.get("tool_calls"))
@@ -1130,11 +1125,6 @@ class Output:
         if spin:
             env.start_spinner()
 
-    @property
-    def started(self) -> bool:
-        """Text is on stdout: a failure can no longer be retried."""
-        return self.text_end is not None
-
     def reasoning(self, text: str) -> None:
         if not text or not self.show_reasoning:
             return
@@ -1215,7 +1205,7 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                 raise TimedOut(f"{server.host} sent no data for {server.timeout:g} s, only keep-alives "
                                "(--timeout)")
     except ChatError as error:
-        error.retryable = error.retryable and not output.started
+        error.retryable = error.retryable and output.text_end is None  # nothing shown: a retry may help
         raise
     finally:
         response.close()
@@ -1418,12 +1408,9 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
     check_folder(conversation.folder)
     make_folder(conversation.folder)
     data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
+    fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL)
         os.fchmod(fd, 0o600)  # whatever the umask
-    except FileExistsError:
-        fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND)
-    try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # never glue a turn onto a torn last line
@@ -1508,7 +1495,6 @@ def show_conversation(path: str, env: Env) -> None:
 
 def number_type(convert, wanted: str, is_valid=lambda value: True):
     """An argparse type: a finite number (convert is int or float) for which is_valid holds."""
-
     def parse(text: str):
         try:
             value = convert(text)
@@ -1717,8 +1703,7 @@ def print_models(server: Server, verbose: bool, env: Env) -> int:
                       lambda response, _: read_models(response, server, trace), env, trace)
     if not models:
         env.warn("the server lists no models")
-    for model in models:
-        env.write(model + "\n")
+    env.write("".join(model + "\n" for model in models))
     return ExitStatus.OK
 
 def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int:
@@ -1761,12 +1746,11 @@ def run(args: argparse.Namespace, env: Env) -> int:
     if not args.curl:
         check_key(server, env)
     settings = make_settings(args, env, server, conversation, interactive)
-    image_urls = []
-    for source in args.image:
-        url, note = image_url(source, args.detail, env)
-        image_urls.append(url)
-        if args.verbose:
+    images = [image_url(source, args.detail, env) for source in args.image]  # (URL, a note for -v)
+    if args.verbose:
+        for _, note in images:
             env.say(f"* {note}")
+    image_urls = [url for url, _ in images]
     if args.curl:
         messages = build_messages(conversation.turns, build_user_message(question, image_urls, args.detail),
                                   settings.system)
@@ -1895,7 +1879,6 @@ def save_history(history: str, env: Env) -> None:
 
 def read_message(env: Env) -> str:
     """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal."""
-
     def read_line(prompt: str) -> str:
         if not env.stdout_tty:
             env.stderr.write(prompt)
@@ -1911,8 +1894,7 @@ def read_message(env: Env) -> str:
 
 def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], detail: str | None) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
-    env = chat.env
-    history = os.path.join(chat.conversation.folder, HISTORY_FILE)
+    env, history = chat.env, os.path.join(chat.conversation.folder, HISTORY_FILE)
     editing = env.read_line is input and env.stdout_tty
     readline_ends_eof_line = editing and enable_line_editing(history)
     env.say(banner(chat))
