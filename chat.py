@@ -240,8 +240,7 @@ class Env:
         self.stdout.write(visible(text) if self.stdout_tty else text)
 
     def say(self, line: str) -> None:
-        """One line on stderr, secrets redacted and control characters made visible; a spinner
-        starts again below it."""
+        """One line on stderr, secrets redacted, control characters visible; a spinner goes on below."""
         spinning = self.stop_spinner()
         self.stderr.write(visible(redact(line, self.secrets)) + "\n")
         self.stderr.flush()
@@ -940,8 +939,7 @@ def reasoning_text(message: dict) -> str:
     return ""
 
 def add_tool_calls(calls: dict[int, dict], items) -> int:
-    """Merge tool calls, or a delta's pieces of them, into calls by index (without one, a name or
-    a new id starts a call); returns the characters added."""
+    """Merge tool calls, or pieces of them, into calls by index (else a name or new id starts one)."""
     added = 0
     for item in items if isinstance(items, list) else []:
         function = item.get("function") if isinstance(item, dict) else None
@@ -1103,13 +1101,15 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         if index != 0:  # -o n 3: only the first answer is shown
             reply.choices = max(reply.choices, index + 1 if isinstance(index, int) else 2)
             continue
-        reply.finish_reason = choice.get("finish_reason") or reply.finish_reason
+        if choice.get("finish_reason"):
+            reply.finish_reason = choice["finish_reason"]
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
         content = delta.get("content") or delta.get("refusal")
-        text, reasoning = content if isinstance(content, str) else "", reasoning_text(delta)
-        added = add_tool_calls(reply.tool_calls, delta["tool_calls"]) if delta.get("tool_calls") else 0
+        text = content if isinstance(content, str) else ""
+        reasoning = reasoning_text(delta) if "reasoning_content" in delta or "reasoning" in delta else ""
+        added = add_tool_calls(reply.tool_calls, delta["tool_calls"]) if "tool_calls" in delta else 0
         reply.size += len(text) + len(reasoning) + added
     return text, reasoning
 
@@ -1137,7 +1137,8 @@ class Output:
     def text(self, text: str) -> None:
         if not text:
             return
-        self.end_reasoning()
+        if self.reasoning_end is not None or self.env.spinner:
+            self.end_reasoning()
         if self.env.stdout_tty:
             text, self.held_cr = self.held_cr + text, ""
             if text.endswith("\r"):

@@ -210,6 +210,23 @@ class TestDotenvStateFolder:
         assert [turn["user"]["content"] for turn in turns] == ["first", "go on"]
 
 
+@pytest.mark.parametrize("plant", ["fifo", "dev-zero", "huge"])
+def test_a_dotenv_that_is_no_small_regular_file_is_ignored_without_waiting(chat, server, tmp_path, plant):
+    """A repository's .env that is a FIFO (reading it would wait forever), a link to /dev/zero
+    (endless) or a huge file is not read: one warning, and the run goes on."""
+    dotenv = tmp_path / ".env"
+    if plant == "fifo":
+        os.mkfifo(dotenv)
+    elif plant == "dev-zero":
+        dotenv.symlink_to("/dev/zero")
+    else:
+        dotenv.write_text("OPENAI_MODEL=from-a-huge-dotenv\n" + "# padding\n" * 10_000)
+    done = chat("--base-url", server.url, "q")
+    assert (done.code, done.out) == (0, "Hello!\n")
+    assert done.err == "warning: .env is not a regular file of at most 64 KiB; ignored\n"
+    assert server.bodies[0]["model"] == "gpt-5.4-mini"
+
+
 # ------------------------------------------------------------ a reply that takes over the terminal
 
 
