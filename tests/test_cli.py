@@ -225,7 +225,8 @@ class TestOptions:
         (("--detail", "huge"), "argument --detail: invalid choice: 'huge' (choose from 'low', "
                                "'high', 'original', 'auto') (see --help)"),
         (("--max-tokens", "0"), "--max-tokens must be a whole number of at least 1, not '0' (see --help)"),
-        (("--max-tokens", "1.5"), "--max-tokens must be a whole number of at least 1, not '1.5' (see --help)"),
+        (("--max-tokens", "1.5"), "--max-tokens must be a whole number of at least 1, not '1.5' "
+                                  "(see --help)"),
         (("--retries", "-1"), "--retries must be a whole number of at least 0, not '-1' (see --help)"),
         (("--timeout", "0"), "--timeout must be a number of seconds above 0, not '0' (see --help)"),
         (("--timeout", "inf"), "--timeout must be a number of seconds above 0, not 'inf' (see --help)"),

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-import chat as chat_module
 from conftest import (CHAT, END_CHUNKS, FAKE_KEY, ROOT, SSE_HEAD, chunk, chunk_of, completion, json_response,
                       saved)
 
@@ -282,29 +281,6 @@ class TestNotSaved:
         else:
             assert done.out == "Hello!\n" and len(server.requests) == 1
         assert home().exists() is kept and len(files()) == kept
-
-    def test_a_reply_interrupted_by_ctrl_c(self, chat, server, monkeypatch, release):
-        shown = threading.Event()
-        show_text = chat_module.Output.text
-
-        def show_and_tell(output, text):
-            show_text(output, text)
-            shown.set()
-
-        def partial_then_ctrl_c(conn, request):
-            conn.sendall(SSE_HEAD + chunk_of(chunk("partial ")))
-            if shown.wait(10):  # chat.py is inside main(), reading the rest: press Ctrl-C
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                # A signal that lands just before chat.py blocks in recv() waits for the next
-                # bytes: send the start of a chunk-size line, which ends nothing.
-                conn.sendall(b"1")
-            release.wait(10)  # keep the stream open: it must not end on its own
-
-        monkeypatch.setattr(chat_module.Output, "text", show_and_tell)
-        server.reply(partial_then_ctrl_c)
-        done = chat("--base-url", server.url, "--stream", "q")
-        assert (done.code, done.out, done.err) == (130, "partial ", "\n")
-        assert not home().exists()
 
     def test_a_stream_without_done_that_the_user_saw_is_saved(self, chat, server):
         server.reply(SSE_HEAD + chunk_of(chunk("half")) + END_CHUNKS)

@@ -20,7 +20,7 @@ from PIL import Image
 
 import chat as chat_module
 from conftest import (CHAT, END_CHUNKS, FAKE_KEY, SSE_HEAD, chunk, chunk_of, completion, http_response,
-                      json_response, nap, sse_response, stream_events)
+                      json_response, nap, saved, sse_response, stream_events)
 
 OK = json_response(completion("recovered"))
 
@@ -557,6 +557,7 @@ class TestInterrupts:
         process.stdin.close()
         assert process.stdout.read(len("partial")) == b"partial"
         assert interrupt(process) == (130, b"", b"\n")  # the text stays as it was: no newline added
+        assert saved() == {}  # an interrupted reply is not kept
 
     def test_ctrl_c_before_the_request(self, chat, server):
         process = chat.process("--base-url", server.url, "q", start=True)  # stdin stays open

@@ -14,7 +14,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +22,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import CHAT, saved
+from conftest import saved
 
 pytestmark = pytest.mark.realmodel
 
