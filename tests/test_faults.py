@@ -533,8 +533,10 @@ def wait_until_reading_stdin(pid: int, seconds: float = 10) -> None:
 def interrupt(process: subprocess.Popen) -> tuple[int, bytes, bytes]:
     """Press Ctrl-C: the exit status and what remains of stdout and stderr."""
     process.send_signal(signal.SIGINT)
-    code = process.wait(timeout=10)
-    return code, process.stdout.read(), process.stderr.read()
+    if process.stdin and process.stdin.closed:
+        process.stdin = None  # nothing more to send
+    out, err = process.communicate(timeout=10)  # and the pipes are closed
+    return process.returncode, out, err
 
 
 class TestInterrupts:

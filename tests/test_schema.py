@@ -54,6 +54,15 @@ REJECTIONS = {
 }
 
 
+def json_error(text: str) -> str:
+    """What Python's json module says of text (its wording differs between Python versions)."""
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{text!r} is JSON")
+
+
 class TestSpec:
     @pytest.mark.parametrize("spec, response_format", [
         ("name, age int, height float, alive bool, bio: one sentence", json_schema(fields(
@@ -96,10 +105,9 @@ class TestSpec:
         ("full name str", f"--schema: 'full name str' {NOT_A_FIELD}"),
         ("1st, 2nd", f"--schema: '1st' {NOT_A_FIELD}"),
         ("name, age int, name: again", "--schema: the field name is named twice"),
-        ('{"type": "object",}', "--schema is not valid JSON: Expecting property name enclosed in double "
-                                "quotes: line 1 column 19 (char 18)"),
+        ('{"type": "object",}', "--schema is not valid JSON: " + json_error('{"type": "object",}')),
         ("@missing.json", "cannot read the schema missing.json: No such file or directory"),
-        ("@broken.json", "--schema is not valid JSON: Expecting ',' delimiter: line 1 column 9 (char 8)"),
+        ("@broken.json", "--schema is not valid JSON: " + json_error('{"a": 1 "b": 2}')),
         ('["name", "age"]', "--schema must be a JSON Schema object, or fields such as 'name, age int'"),
         ("@list.json", "--schema must be a JSON Schema object, or fields such as 'name, age int'"),
     ], ids=["unknown-type", "empty-field", "trailing-comma", "empty", "three-words", "bad-name", "duplicate",

@@ -136,8 +136,9 @@ class TestStreamingCli:
             first = read_at_least(process.stdout, len(b"first "), seconds=10)
         finally:
             release.set()
-        rest, err, code = process.stdout.read(), process.stderr.read(), process.wait(20)
-        assert (first, rest, err, code) == (b"first ", b"second\n", b"", 0)
+        process.stdin = None  # closed above: nothing more to send
+        rest, err = process.communicate(timeout=20)
+        assert (first, rest, err, process.returncode) == (b"first ", b"second\n", b"", 0)
 
     def test_a_body_without_chunked_encoding_is_shown_as_it_arrives(self, chat, server):
         # Delimited by closing the connection, as HTTP/1.0 servers do: read as it comes, not at the end.
