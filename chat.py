@@ -1546,7 +1546,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout", type=number_type(float, "a number of seconds above 0", lambda value: value > 0),
         default=DEFAULT_TIMEOUT, metavar="S", help="seconds to wait for each read (default: %(default)g)")
     add("--retries", type=number_type(int, "a whole number of at least 0", lambda value: value >= 0),
-        default=DEFAULT_RETRIES, metavar="N", help="retries after 429, 5xx, failed connections (default: 2)")
+        default=DEFAULT_RETRIES, metavar="N", help="retries of a failed request (default: %(default)s)")
     add("-v", "--verbose", action="store_true", help="trace the HTTP exchange on stderr (the key masked)")
     add("--curl", action="store_true", help="print the equivalent curl command and send nothing")
     add("--version", action="store_true", help="print the version and exit")

@@ -124,11 +124,13 @@ class TestTurns:
     def test_no_stream_and_attachments_go_with_the_first_question_only(self, chat, server, tmp_path):
         Image.new("RGB", (10, 10), "red").save(tmp_path / "pic.png")
         (tmp_path / "notes.txt").write_text("some notes\n")
-        server.reply(json_response(completion("a red square")), json_response(completion("yes")))
+        server.reply(json_response(completion("a red square")), json_response(completion("yes")),
+                     json_response(completion("red")))
         done = chat("--base-url", server.url, "--no-stream", "--image", "pic.png", "-f", "notes.txt",
-                    ttys=TERMINAL, lines=["what is it?", "sure?"])
-        assert (done.code, done.out) == (0, "a red square\nyes\n")
-        first, second = server.bodies
+                    ttys=TERMINAL, lines=["what is it?", "sure?", "/reset", "what is it?"])
+        assert (done.code, done.out) == (0, "a red square\nyes\nred\n")
+        first, second, after_reset = server.bodies
+        assert after_reset["messages"] == first["messages"]  # a new conversation: attached again
         assert "stream" not in first
         parts = first["messages"][0]["content"]
         assert [part["type"] for part in parts] == ["text", "image_url"]
@@ -137,7 +139,8 @@ class TestTurns:
         assert second["messages"][0] == first["messages"][0]  # the image stays in the history
         assert second["messages"][1:] == [{"role": "assistant", "content": "a red square"},
                                           {"role": "user", "content": "sure?"}]
-        assert [turn.get("images") for turn in saved().popitem()[1]] == [["pic.png"], None]
+        assert sorted([turn.get("images") for turn in turns] for turns in saved().values()) == [
+            [["pic.png"]], [["pic.png"], None]]
 
     def test_attachments_wait_for_a_question_that_gets_an_answer(self, chat, server, tmp_path):
         # Contract silent: a failed turn is not kept, so its file must go with the next question.
