@@ -64,7 +64,9 @@ LARGE_QUESTION = 1_000_000  # characters; a larger one gets a note of its size i
 # .env supplies these and nothing else: a proxy, CA bundle or state folder in a cloned
 # repository's .env would take the key or the conversations. Those named here get a warning.
 DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
-IGNORED_IN_DOTENV = re.compile(r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I)
+IGNORED_IN_DOTENV = re.compile(
+    r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I
+)
 
 # The pixels of a local image worth uploading: "low" is seen as one 512x512 thumbnail; "high"
 # (and "auto") keeps 2048 px on the long side and 1536 patches of 32x32.
@@ -78,15 +80,26 @@ TEXT_SNIFF_BYTES = 8192  # a NUL byte this early means a -f file is not text
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic")
 
 # --schema's short form: "name, age int, bio: one sentence"
-SHORT_TYPES = {"str": "string", "string": "string", "int": "integer", "integer": "integer",
-               "float": "number", "number": "number", "bool": "boolean", "boolean": "boolean"}
+SHORT_TYPES = {
+    "str": "string",
+    "string": "string",
+    "int": "integer",
+    "integer": "integer",
+    "float": "number",
+    "number": "number",
+    "bool": "boolean",
+    "boolean": "boolean",
+}
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 FORMAT_REJECTED = re.compile(r"response_format|json_schema")  # a server refusing --schema's form
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
 RETRY_LINE_START = b'{"retry": true'
-HISTORY_FILE, HISTORY_LINES = "history", 1000  # conversation mode's line history, in the state folder
+HISTORY_FILE, HISTORY_LINES = (
+    "history",
+    1000,
+)  # conversation mode's line history, in the state folder
 
 READ_SIZE = 64 * 1024  # most bytes taken from the socket per read
 LINE_CHARS, BANNER_CHARS = 300, 80  # the longest error: or warning: line, banner line
@@ -96,17 +109,28 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 # What a terminal would obey as a command: C0 controls but newline and tab, a carriage return
 # not followed by a newline, DEL, and the C1 controls.
 CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-CONTEXT_OVERFLOW = re.compile(r"context_length_exceeded|exceeds the available context size|"
-                              r"maximum context length|context window|context length", re.I)
+CONTEXT_OVERFLOW = re.compile(
+    r"context_length_exceeded|exceeds the available context size|"
+    r"maximum context length|context window|context length",
+    re.I,
+)
 MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
 DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
 SPINNER_FRAMES = "|/-\\"
 # What to install, by the module that fails to import without it.
-PACKAGES = {"requests": "requests", "urllib3": "requests", "charset_normalizer": "requests",
-            "idna": "requests", "certifi": "requests", "dotenv": "python-dotenv", "PIL": "Pillow"}
+PACKAGES = {
+    "requests": "requests",
+    "urllib3": "requests",
+    "charset_normalizer": "requests",
+    "idna": "requests",
+    "certifi": "requests",
+    "dotenv": "python-dotenv",
+    "PIL": "Pillow",
+}
 
 
 # ---------------------------------------------------------------- errors and records
+
 
 class ExitStatus(IntEnum):
     """Exit codes of chat.py, as documented in the README."""
@@ -119,26 +143,37 @@ class ExitStatus(IntEnum):
     BUG = 70  # sysexits' EX_SOFTWARE
     INTERRUPTED = 130
 
+
 class ChatError(Exception):
     """A failure told in one line, with its exit code, advice kept whole (hint), what a retry
     warning says (brief), and whether and when another try could help."""
 
     exit_status = ExitStatus.API_ERROR
 
-    def __init__(self, message: str, hint: str = "", brief: str = "", retryable: bool = False,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        hint: str = "",
+        brief: str = "",
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.hint, self.brief = hint, brief or message
         self.retryable, self.retry_after = retryable, retry_after
 
+
 class UsageError(ChatError):
     exit_status = ExitStatus.USAGE
+
 
 class NetworkError(ChatError):
     exit_status = ExitStatus.NETWORK
 
+
 class TimedOut(ChatError):
     exit_status = ExitStatus.TIMEOUT
+
 
 class ApiError(ChatError):
     """The server answered, but not usably: an HTTP error status, or a reply chat.py cannot use."""
@@ -147,28 +182,34 @@ class ApiError(ChatError):
         super().__init__(message, **details)
         self.status, self.overflow = status, overflow
 
+
 def redact(text: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         text = text.replace(secret, "[redacted]") if len(secret) >= MIN_SECRET_CHARS else text
     return text
+
 
 def elide_base64(text: str) -> str:
     """text with each data: URL's payload, and any other long Base64 run, cut to its length."""
     text = DATA_URL.sub(lambda match: f"{match[1]}…({len(match[2]):,} characters)", text)
     return BASE64_RUN.sub(lambda match: f"…({len(match[0]):,} characters of Base64)", text)
 
+
 def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS) -> str:
     """A message as one line of at most room characters: secrets redacted, Base64 elided, cut."""
     text = " ".join(elide_base64(redact(message, secrets)).split())
     return text if len(text) <= room else text[: room - 1] + "…"
 
+
 def visible(text: str) -> str:
     """text with each character a terminal would obey as a command shown as an escape (\\x1b)."""
     return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
+
 def host_of(url: str) -> str:
     """host:port of a URL, without any user or password."""
     return urlsplit(url).netloc.rpartition("@")[2]
+
 
 def shown_url(url: str) -> str:
     """url as chat.py displays it: a password in it becomes ***."""
@@ -177,11 +218,13 @@ def shown_url(url: str) -> str:
         return url
     return parts._replace(netloc=f"{parts.username}:***@{host_of(url)}").geturl()
 
+
 class Spinner:
     """A stderr line counting the seconds waited, until stop() erases it."""
 
     def __init__(self, stream, color: bool):
         import threading
+
         self.stream, self.color, self.shown = stream, color, False
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.spin, daemon=True)
@@ -202,18 +245,29 @@ class Spinner:
             self.stream.write(ERASE_LINE)
             self.stream.flush()
 
+
 class Env:
     """The process's surroundings: streams, terminal flags, environment, folder, how to read a line
     and wait. main() makes one of the process; tests make their own. What chat.py shows goes through
     here, control characters made visible on stderr, and on stdout when it is a terminal."""
 
-    def __init__(self, stdin=None, stdout=None, stderr=None, environ: dict | None = None,
-                 cwd: str = ".", ttys: tuple[bool, bool, bool] = (False, False, False),
-                 read_line=input, sleep=time.sleep):
+    def __init__(
+        self,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        environ: dict | None = None,
+        cwd: str = ".",
+        ttys: tuple[bool, bool, bool] = (False, False, False),
+        read_line=input,
+        sleep=time.sleep,
+        raise_bugs: bool = False,
+    ):
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr  # stdin binary (None: closed)
         self.environ, self.cwd = {} if environ is None else environ, cwd
         self.stdin_tty, self.stdout_tty, self.stderr_tty = ttys
         self.read_line, self.sleep = read_line, sleep
+        self.raise_bugs = raise_bugs  # tests: a bug propagates with its traceback, not as exit 70
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
         self.spinner: Spinner | None = None
 
@@ -221,8 +275,12 @@ class Env:
     def of_process(cls) -> Env:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
-        ttys = tuple(stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr))
-        return cls(getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir, ttys)
+        ttys = tuple(
+            stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)
+        )
+        return cls(
+            getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir, ttys
+        )
 
     def get(self, name: str) -> str:
         """An environment variable; empty and unset are the same."""
@@ -267,35 +325,64 @@ class Env:
             spinner.stop()
         return spinner is not None
 
+
 # Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
 # a seventh of chat.py's start-up.
+
 
 class Server:
     """Where requests go and how, whether .env chose the URL or the key (a key goes only where
     its owner sent it), and the model the environment names."""
 
-    def __init__(self, base_url: str, key: str = "", timeout: float = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, url_from_dotenv: bool = False,
-                 key_from_dotenv: bool = False, model: str = ""):
+    def __init__(
+        self,
+        base_url: str,
+        key: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        url_from_dotenv: bool = False,
+        key_from_dotenv: bool = False,
+        model: str = "",
+    ):
         self.base_url, self.key, self.timeout, self.retries = base_url, key, timeout, retries
-        self.url_from_dotenv, self.key_from_dotenv, self.model = url_from_dotenv, key_from_dotenv, model
+        self.url_from_dotenv, self.key_from_dotenv, self.model = (
+            url_from_dotenv,
+            key_from_dotenv,
+            model,
+        )
 
     @property
     def host(self) -> str:
         return host_of(self.base_url)
 
+
 class Settings:
     """What the user asked for besides the question: the body's fields and how to show the reply."""
 
-    def __init__(self, model: str, system: str | None = None, temperature: float | None = None,
-                 max_tokens: int | None = None, reasoning_effort: str | None = None,
-                 options: list[tuple[str, object]] = (), schema: dict | None = None,
-                 stream: bool = False, usage: bool = False, show_reasoning: bool = False,
-                 verbose: bool = False):
+    def __init__(
+        self,
+        model: str,
+        system: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        reasoning_effort: str | None = None,
+        options: list[tuple[str, object]] = (),
+        schema: dict | None = None,
+        stream: bool = False,
+        usage: bool = False,
+        show_reasoning: bool = False,
+        verbose: bool = False,
+    ):
         self.model, self.system, self.temperature = model, system, temperature
         self.max_tokens, self.reasoning_effort = max_tokens, reasoning_effort
         self.options, self.schema = options, schema
-        self.stream, self.usage, self.show_reasoning, self.verbose = stream, usage, show_reasoning, verbose
+        self.stream, self.usage, self.show_reasoning, self.verbose = (
+            stream,
+            usage,
+            show_reasoning,
+            verbose,
+        )
+
 
 class Reply:
     """What the server answered; the text holds the tool calls too, as JSON lines."""
@@ -308,6 +395,7 @@ class Reply:
         self.size = 0  # characters of text, reasoning and tool-call arguments held
         self.streamed, self.done = streamed, False  # done: the stream said [DONE]
 
+
 class Conversation:
     """A conversation's turns so far, and the file the next one is appended to."""
 
@@ -318,45 +406,65 @@ class Conversation:
     def path(self) -> str:
         return os.path.join(self.folder, f"{self.name}.jsonl")
 
+
 class Chat:
     """What every question of a run shares."""
 
-    def __init__(self, env: Env, server: Server, settings: Settings, conversation: Conversation,
-                 session=None):
+    def __init__(
+        self, env: Env, server: Server, settings: Settings, conversation: Conversation, session=None
+    ):
         self.env, self.server, self.settings = env, server, settings
         self.conversation, self.session = conversation, session
 
 
 # ------------------------------------------------------------------ builders
 
+
 def drop_nones(mapping: dict) -> dict:
     return {key: value for key, value in mapping.items() if value is not None}
+
 
 def is_openai_host(base_url: str) -> bool:
     """OpenAI's hosts and Azure's: they need a key and reject max_tokens."""
     host = urlsplit(base_url).hostname or ""
     return host == "api.openai.com" or host.endswith(
-        (".api.openai.com", ".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"))
+        (
+            ".api.openai.com",
+            ".openai.azure.com",
+            ".cognitiveservices.azure.com",
+            ".services.ai.azure.com",
+        )
+    )
+
 
 def max_tokens_field(base_url: str) -> str:
     """OpenAI's hosts reject max_tokens for current models; other servers may only know it."""
     return "max_completion_tokens" if is_openai_host(base_url) else "max_tokens"
+
 
 def api_url(base_url: str, path: str) -> str:
     """base_url + path; a query string in base_url (Azure's ?api-version=) stays at the end."""
     parts = urlsplit(base_url)
     return parts._replace(path=parts.path.rstrip("/") + path, fragment="").geturl()
 
+
 def public_url(base_url: str) -> str:
     """base_url without user, password or query: what may be written to a file."""
     return f"{urlsplit(base_url).scheme}://{host_of(base_url)}{urlsplit(base_url).path}"
 
+
 def is_loopback(host: str | None) -> bool:
     import ipaddress
+
     try:
-        return host == "localhost" or host.endswith(".localhost") or ipaddress.ip_address(host).is_loopback
+        return (
+            host == "localhost"
+            or host.endswith(".localhost")
+            or ipaddress.ip_address(host).is_loopback
+        )
     except (ValueError, AttributeError):  # a name, or None
         return False
+
 
 def build_question(words: list[str], piped: str | None, files: list[str] = ()) -> str:
     """The question words, then piped text, then files, each part after a blank line."""
@@ -365,29 +473,39 @@ def build_question(words: list[str], piped: str | None, files: list[str] = ()) -
     piped = (piped or "").rstrip().lstrip("\r\n")
     return "\n\n".join(part for part in (question, piped, *files) if part)
 
+
 def read_limited(file, source: str) -> bytes:
     """All of a file or stream up to MAX_INPUT bytes; beyond that a usage error, read no further."""
     data = file.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:
-        raise UsageError(f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no further",
-                         hint="(send a part of it)")
+        raise UsageError(
+            f"{source} holds more than {MAX_INPUT // 2**20} MiB: chat.py reads no further",
+            hint="(send a part of it)",
+        )
     return data
+
 
 def decode_utf8(data: bytes, source: str, env: Env) -> str:
     """Text as UTF-8; undecodable bytes are replaced, with a warning. A leading BOM is dropped."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        env.warn(f"{source} is not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
-                 "undecodable bytes were replaced with U+FFFD")
+        env.warn(
+            f"{source} is not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); "
+            "undecodable bytes were replaced with U+FFFD"
+        )
         text = data.decode("utf-8", "replace")
     return text.removeprefix("\ufeff")
+
 
 def read_piped_stdin(env: Env) -> str | None:
     """All of stdin as UTF-8; None on a terminal."""
     if env.stdin is None:  # started with stdin closed
         return ""
-    return None if env.stdin_tty else decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
+    return (
+        None if env.stdin_tty else decode_utf8(read_limited(env.stdin, "piped stdin"), "stdin", env)
+    )
+
 
 def read_text_file(path: str, env: Env) -> str:
     """A -f file's text, as UTF-8; a missing, unreadable, binary or huge file is a usage error."""
@@ -398,9 +516,12 @@ def read_text_file(path: str, env: Env) -> str:
         raise UsageError(f"cannot read file {path}: {exc.strerror or exc}") from None
     if b"\0" in data[:TEXT_SNIFF_BYTES]:
         is_picture = path.lower().endswith(IMAGE_SUFFIXES)
-        raise UsageError(f"cannot add {path}: it is not a text file (it holds NUL bytes)",
-                         hint="(attach pictures with --image)" if is_picture else "")
+        raise UsageError(
+            f"cannot add {path}: it is not a text file (it holds NUL bytes)",
+            hint="(attach pictures with --image)" if is_picture else "",
+        )
     return decode_utf8(data, path, env)
+
 
 def file_block(path: str, text: str) -> str:
     """The path, then the text in a code fence longer than any run of backticks inside it."""
@@ -409,13 +530,17 @@ def file_block(path: str, text: str) -> str:
         text += "\n"
     return f"{path}\n{fence}\n{text}{fence}"
 
+
 def build_user_message(question: str, image_urls: list[str], detail: str | None) -> dict:
     """The user message: plain text, or a text part followed by one part per image."""
     if not image_urls:
         return {"role": "user", "content": question}
-    images = [{"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}
-              for url in image_urls]
+    images = [
+        {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}
+        for url in image_urls
+    ]
     return {"role": "user", "content": [{"type": "text", "text": question}, *images]}
+
 
 def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
     """The messages of one request: the system prompt, the earlier turns, the new question."""
@@ -424,11 +549,13 @@ def build_messages(turns: list[dict], user_message: dict, system: str | None) ->
         messages += [turn["user"], {"role": "assistant", "content": turn["assistant"]}]
     return messages + [user_message]
 
+
 def schema_format(schema: dict) -> dict:
     """OpenAI's response_format for a JSON Schema (taken by llama-server, vLLM, Ollama ...)."""
     title = schema.get("title")
     name = title if isinstance(title, str) and re.fullmatch(r"[\w-]{1,64}", title) else "reply"
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
 
 def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
     """The request in the form llama-cpp-python takes --schema in; None without --schema or after -o."""
@@ -436,15 +563,24 @@ def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
         return None
     return {**body, "response_format": {"type": "json_object", "schema": schema}}
 
+
 def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
     """The chat-completions request body, holding only the fields that were asked for."""
-    body = drop_nones({
-        "model": settings.model, "messages": messages, "temperature": settings.temperature,
-        max_tokens_field(base_url): settings.max_tokens, "reasoning_effort": settings.reasoning_effort,
-        "response_format": schema_format(settings.schema) if settings.schema else None,
-        "stream": True if settings.stream else None,
-        # Only with -u: some servers reject the field.
-        "stream_options": {"include_usage": True} if settings.stream and settings.usage else None})
+    body = drop_nones(
+        {
+            "model": settings.model,
+            "messages": messages,
+            "temperature": settings.temperature,
+            max_tokens_field(base_url): settings.max_tokens,
+            "reasoning_effort": settings.reasoning_effort,
+            "response_format": schema_format(settings.schema) if settings.schema else None,
+            "stream": True if settings.stream else None,
+            # Only with -u: some servers reject the field.
+            "stream_options": {"include_usage": True}
+            if settings.stream and settings.usage
+            else None,
+        }
+    )
     for key, value in settings.options:
         if value is None:
             body.pop(key, None)
@@ -452,10 +588,13 @@ def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
             body[key] = value
     return body
 
+
 def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
     """-o KEY VALUE pairs, VALUE as JSON when it parses (NaN is no JSON), else as text."""
+
     def refuse(constant: str):
         raise ValueError(constant)
+
     options = []
     for key, text in pairs:
         if key in ("messages", "stream"):
@@ -466,6 +605,7 @@ def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
             options.append((key, text))
     return options
 
+
 def short_schema(spec: str) -> dict:
     """The short form, "name, age int, bio: one sentence": an object with exactly those fields."""
     fields = {}
@@ -473,15 +613,27 @@ def short_schema(spec: str) -> dict:
         head, _, description = item.partition(":")
         words = head.split()
         if not 1 <= len(words) <= 2 or not FIELD_NAME.fullmatch(words[0]):
-            raise UsageError(f"--schema: {item.strip()!r} is not a field: write 'name', "
-                             "'name type' or 'name type: description'")
+            raise UsageError(
+                f"--schema: {item.strip()!r} is not a field: write 'name', "
+                "'name type' or 'name type: description'"
+            )
         name, kind = words[0], words[1].lower() if len(words) == 2 else "str"
         if kind not in SHORT_TYPES:
-            raise UsageError(f"--schema: {name} has the unknown type {kind!r}: use str, int, float or bool")
+            raise UsageError(
+                f"--schema: {name} has the unknown type {kind!r}: use str, int, float or bool"
+            )
         if name in fields:
             raise UsageError(f"--schema: the field {name} is named twice")
-        fields[name] = drop_nones({"type": SHORT_TYPES[kind], "description": description.strip() or None})
-    return {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
+        fields[name] = drop_nones(
+            {"type": SHORT_TYPES[kind], "description": description.strip() or None}
+        )
+    return {
+        "type": "object",
+        "properties": fields,
+        "required": list(fields),
+        "additionalProperties": False,
+    }
+
 
 def parse_schema(spec: str, env: Env) -> dict:
     """--schema SPEC as a JSON Schema: inline JSON, @file.json, or the short form."""
@@ -505,6 +657,7 @@ def parse_schema(spec: str, env: Env) -> dict:
 
 # ------------------------------------------------------------------ images
 
+
 def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     """The largest size, same aspect ratio, that keeps all the model sees at this detail."""
     width, height = size
@@ -513,13 +666,17 @@ def fit_size(size: tuple[int, int], detail: str | None) -> tuple[int, int]:
     if detail == "low":
         scale = min(1.0, LOW_DETAIL_BOX / width, LOW_DETAIL_BOX / height)
     else:
-        scale = min(1.0, HIGH_DETAIL_LONG_SIDE / max(width, height),
-                    (HIGH_DETAIL_PIXELS / (width * height)) ** 0.5)
+        scale = min(
+            1.0,
+            HIGH_DETAIL_LONG_SIDE / max(width, height),
+            (HIGH_DETAIL_PIXELS / (width * height)) ** 0.5,
+        )
     if scale >= 1.0:
         return size
     # The epsilon keeps 6000x4000 at exactly 1536x1024 despite float rounding;
     # it is far too small to push the product of two sides over the budget.
     return max(1, int(width * scale + 1e-6)), max(1, int(height * scale + 1e-6))
+
 
 def why_not_as_is(image) -> str | None:
     """Why the file's own bytes cannot go as they are, or None when they can (if no larger)."""
@@ -533,23 +690,30 @@ def why_not_as_is(image) -> str | None:
         return "turned upright from its EXIF orientation"
     return None
 
+
 def shrink_image(image, detail: str | None):
     """Downscale (never upscale) to fit_size, in the stored orientation (EXIF may turn it)."""
     from PIL import Image
+
     turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # these orientations swap the sides
     target = fit_size(image.size[::-1] if turned else image.size, detail)
     stored_target = target[::-1] if turned else target
     if stored_target != image.size:
-        image.draft(None, stored_target)  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
+        image.draft(
+            None, stored_target
+        )  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
         image = image.resize(stored_target, Image.Resampling.BICUBIC)
     return image
+
 
 def encode_image(image) -> tuple[str, bytes]:
     """Encode as JPEG, or as PNG when some pixel is transparent."""
     import io
+
     buffer = io.BytesIO()
     if ("A" in image.getbands() or "transparency" in image.info) and (
-            image.convert("RGBA").getchannel("A").getextrema()[0] < 255):
+        image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    ):
         image.convert("RGBA").save(buffer, "PNG")
         return "image/png", buffer.getvalue()
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
@@ -562,11 +726,14 @@ def encode_image(image) -> tuple[str, bytes]:
     image.save(buffer, "JPEG", quality=JPEG_QUALITY)
     return "image/jpeg", buffer.getvalue()
 
+
 def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str]:
     """A local image as a data: URL, shrunk or as it is, and a note for -v saying which and why."""
     import base64
     import warnings
+
     from PIL import Image, ImageOps
+
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
@@ -586,17 +753,22 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
             raise UsageError(f"cannot read image {path}: {exc.strerror}") from None
         raise UsageError(f"cannot decode image {path}: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UsageError(f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise UsageError(
+            f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
+        ) from None
     except Exception as exc:  # Pillow's decoders raise many types on damaged files
         raise UsageError(f"cannot decode image {path}: {exc}") from None
     if original is not None:
         sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
         mime, data = Image.MIME[kind], original
     else:
-        sent = (f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
-                f"{len(data):,} bytes ({reason or 'smaller than the file'})")
+        sent = (
+            f"sent {prepared.width}x{prepared.height} {mime.split('/')[1].upper()}, "
+            f"{len(data):,} bytes ({reason or 'smaller than the file'})"
+        )
     note = f"image {path}: {source}, {size:,} bytes; {sent}"
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", note
+
 
 def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
     """The URL to send for --image (URLs as given, files inlined), and a note for -v."""
@@ -607,30 +779,44 @@ def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
 
 # ----------------------------------------------------------------- transport
 
+
 def bearer_auth(key: str):
     """The key as a Bearer token, or nothing: unlike headers=, auth= is not replaced by ~/.netrc."""
+
     def add_authorization(request):
         if key:
             request.headers["Authorization"] = f"Bearer {key}"
         return request
+
     return add_authorization
+
 
 def refuse_other_origins(response, **_) -> None:
     """A response hook: a redirect is followed only to the same scheme, host and port."""
     from urllib.parse import urljoin
+
     def origin(url: str) -> tuple:
         parts = urlsplit(url)
-        return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        return (
+            parts.scheme,
+            parts.hostname,
+            parts.port or {"http": 80, "https": 443}.get(parts.scheme),
+        )
+
     if response.is_redirect:
         target = urljoin(response.url, response.headers["location"])
         if origin(target) != origin(response.url):
             response.close()
-            raise ApiError(f"the server redirected the request to {shown_url(target)}; chat.py "
-                           f"follows redirects only within {host_of(response.url)}")
+            raise ApiError(
+                f"the server redirected the request to {shown_url(target)}; chat.py "
+                f"follows redirects only within {host_of(response.url)}"
+            )
+
 
 def mask_key(key: str) -> str:
     """What the verbose trace shows of a key: its sk- prefix and at most the last 4 characters."""
     return ("sk-" if key.startswith("sk-") else "") + "…" + (key[-4:] if len(key) >= 16 else "")
+
 
 def cut_strings(value):
     """A copy of a JSON value with Base64 elided and each long string cut to its start."""
@@ -644,6 +830,7 @@ def cut_strings(value):
             return value[:TRACE_STRING_CHARS] + f"…({len(value):,} characters)"
     return value
 
+
 def pretty_body(body: bytes | str) -> str:
     """A body for the trace: JSON indented, Base64 cut to its length, long strings cut."""
     try:
@@ -654,12 +841,15 @@ def pretty_body(body: bytes | str) -> str:
             text = text[:TRACE_TEXT_CHARS] + f"…({len(text):,} characters)"
         return text
 
+
 def status_reason(response) -> str:
     import http
+
     try:
         return response.reason or http.HTTPStatus(response.status_code).phrase
     except ValueError:
         return ""
+
 
 class Trace:
     """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
@@ -701,8 +891,11 @@ class Trace:
     def summary(self, usage: dict | None) -> None:
         self.write("* ", f"total time: {time.perf_counter() - self.started:.3f} s")
         if isinstance(usage, dict):
-            counts = ", ".join(f"{name} {value}" for name, value in usage.items() if isinstance(value, int))
+            counts = ", ".join(
+                f"{name} {value}" for name, value in usage.items() if isinstance(value, int)
+            )
             self.write("* ", f"tokens: {counts}")
+
 
 def innermost(exc: BaseException) -> BaseException:
     """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error."""
@@ -710,7 +903,11 @@ def innermost(exc: BaseException) -> BaseException:
     while id(exc) not in seen:
         seen.add(id(exc))
         inner = getattr(exc, "reason", None)
-        if not isinstance(inner, BaseException) and exc.args and isinstance(exc.args[0], BaseException):
+        if (
+            not isinstance(inner, BaseException)
+            and exc.args
+            and isinstance(exc.args[0], BaseException)
+        ):
             inner = exc.args[0]
         inner = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
         if inner is None:
@@ -718,31 +915,43 @@ def innermost(exc: BaseException) -> BaseException:
         exc = inner
     return exc
 
+
 def chat_error(exc: Exception, server: Server) -> ChatError:
     """What a failure of requests or urllib3 means. A read timeout is not worth a retry: the
     server has the request."""
     import http.client
     import socket
+
     import requests
     import urllib3
+
     errors, host, inner = urllib3.exceptions, server.host, innermost(exc)
     cause = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)
     if isinstance(exc, requests.ConnectTimeout):
-        return TimedOut(f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
-                        retryable=True)
+        return TimedOut(
+            f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
+            retryable=True,
+        )
     if isinstance(exc, (requests.Timeout, errors.ReadTimeoutError)) or isinstance(
-            inner, errors.ReadTimeoutError):
+        inner, errors.ReadTimeoutError
+    ):
         return TimedOut(f"{host} did not answer within {server.timeout:g} s (--timeout)")
     if isinstance(exc, requests.exceptions.InvalidSchema) and "SOCKS" in str(exc):
-        return UsageError("a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
-                          "but PySocks is not installed", hint="(pip install 'requests[socks]')")
+        return UsageError(
+            "a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
+            "but PySocks is not installed",
+            hint="(pip install 'requests[socks]')",
+        )
     if isinstance(exc, (requests.exceptions.SSLError, errors.SSLError)):
         return NetworkError(f"TLS failure talking to {host}: {cause}")
     if isinstance(inner, http.client.HTTPException) and not isinstance(
-            inner, (ConnectionError, http.client.IncompleteRead)):
+        inner, (ConnectionError, http.client.IncompleteRead)
+    ):
         return ApiError(f"{host} did not answer in HTTP: {cause!r}")
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, errors.ProtocolError)):
-        return NetworkError(f"the connection to {host} broke off mid-reply: {cause}", retryable=True)
+        return NetworkError(
+            f"the connection to {host} broke off mid-reply: {cause}", retryable=True
+        )
     if isinstance(exc, (requests.exceptions.ContentDecodingError, errors.DecodeError)):
         return ApiError(f"cannot decode the reply from {host}: {cause}")
     if isinstance(exc, requests.TooManyRedirects):
@@ -753,10 +962,12 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
         return NetworkError(f"cannot reach {host}: {cause}", retryable=True)
     return NetworkError(f"request to {host} failed: {cause}")
 
+
 def iter_body(response, server: Server):
     """The body's bytes as they arrive, decompressed, READ_SIZE at most at a time (urllib3 read
     directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked)."""
     import urllib3
+
     raw = response.raw
     try:
         if raw.chunked:
@@ -769,6 +980,7 @@ def iter_body(response, server: Server):
     except urllib3.exceptions.HTTPError as exc:
         raise chat_error(exc, server) from None
 
+
 def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
     """The whole body up to limit bytes: more is an error, but an error body is cut there."""
     chunks, size = [], 0
@@ -777,21 +989,27 @@ def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > limit and limit != MAX_ERROR_BODY:
-                raise ApiError(f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
-                               "chat.py reads no further")
+                raise ApiError(
+                    f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
+                    "chat.py reads no further"
+                )
             if size > limit:
                 break
     finally:
         response.close()
     return b"".join(chunks)[:limit]
 
+
 def text_snippet(data: bytes | str) -> str:
     """The start of a body that is not the JSON expected, without HTML markup."""
     text = data[: 64 * 1024]
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
-    text = re.sub(r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S)
+    text = re.sub(
+        r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S
+    )
     return " ".join(text.split())
+
 
 def error_message(payload) -> str:
     """The message in an error body of any provider's shape, arrays (Gemini) and FastAPI's included."""
@@ -806,9 +1024,11 @@ def error_message(payload) -> str:
             return message
     return ""
 
+
 def parse_retry_after(headers, now: float | None = None) -> float | None:
     """Seconds the server asks us to wait (retry-after-ms, else Retry-After), or None."""
     import email.utils
+
     for name, per_second in (("retry-after-ms", 1000), ("retry-after", 1)):
         try:
             seconds = float(headers.get(name) or "") / per_second
@@ -822,10 +1042,14 @@ def parse_retry_after(headers, now: float | None = None) -> float | None:
         return None
     return max(0.0, when - (time.time() if now is None else now))
 
+
 def clock_after(seconds: float) -> str:
     """The local time `seconds` from now, as a clock shows it (with the date when not today)."""
-    when = time.localtime(time.time() + min(seconds, 10**9))  # localtime() overflows on absurd waits
+    when = time.localtime(
+        time.time() + min(seconds, 10**9)
+    )  # localtime() overflows on absurd waits
     return time.strftime("%Y-%m-%d %H:%M:%S" if seconds > 12 * 3600 else "%H:%M:%S", when)
+
 
 def api_error(response, body: bytes) -> ApiError:
     """An ApiError for an HTTP error status: what the server said, whether and when to retry."""
@@ -836,31 +1060,48 @@ def api_error(response, body: bytes) -> ApiError:
     except (ValueError, RecursionError):
         message = ""
     message = message or text_snippet(body)
-    message = f"{status}: {message}" if message and message.lower() not in status.lower() else status
+    message = (
+        f"{status}: {message}" if message and message.lower() not in status.lower() else status
+    )
     details = {"brief": f"HTTP {code}", "overflow": bool(CONTEXT_OVERFLOW.search(text))}
     if "insufficient_quota" in text:
-        return ApiError(message, code, hint="(the account is out of quota: add credit, retrying will "
-                                            "not help)", **details)
+        return ApiError(
+            message,
+            code,
+            hint="(the account is out of quota: add credit, retrying will not help)",
+            **details,
+        )
     hint, url = "", urlsplit(response.url)
     if code == 404:  # say where the request went, and what to check
-        advice = (f"the base URL has no path; try --base-url {shown_url(f'{url.scheme}://{url.netloc}/v1')}"
-                  if url.path in ("/chat/completions", "/models") else "this server lists no models"
-                  if url.path.endswith("/models") else
-                  "check --base-url, and --model against what python chat.py --models lists")
+        advice = (
+            f"the base URL has no path; try --base-url {shown_url(f'{url.scheme}://{url.netloc}/v1')}"
+            if url.path in ("/chat/completions", "/models")
+            else "this server lists no models"
+            if url.path.endswith("/models")
+            else "check --base-url, and --model against what python chat.py --models lists"
+        )
         hint = f"({response.request.method} {shown_url(response.url)}: {advice})"
     should_retry = response.headers.get("x-should-retry", "").lower()
-    retryable = (should_retry == "true" if should_retry in ("true", "false")
-                 else code in RETRY_STATUSES or code >= 500)
+    retryable = (
+        should_retry == "true"
+        if should_retry in ("true", "false")
+        else code in RETRY_STATUSES or code >= 500
+    )
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
         hint = f"(the server asks to wait {wait:.0f} s: try again after {clock_after(wait)})"
         retryable = False
     return ApiError(message, code, hint=hint, retryable=retryable, retry_after=wait, **details)
 
+
 def backoff_delay(attempt: int, rand=None) -> float:
     """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
     import random
-    return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (1 - 0.25 * (rand or random.random)())
+
+    return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (
+        1 - 0.25 * (rand or random.random)()
+    )
+
 
 def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
     """Seconds to wait before retrying after error, or None to give up."""
@@ -868,18 +1109,25 @@ def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
         return None
     return error.retry_after if error.retry_after is not None else backoff_delay(attempt)
 
+
 def send(session, server: Server, path: str, body: dict | None, trace: Trace | None):
     """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400."""
     import requests
+
     try:
         response = session.request(
-            "GET" if body is None else "POST", api_url(server.base_url, path), json=body,
+            "GET" if body is None else "POST",
+            api_url(server.base_url, path),
+            json=body,
             headers={"User-Agent": USER_AGENT},
             # without a key, a user and password in the base URL go as Basic auth, as in curl
-            auth=None if not server.key and urlsplit(server.base_url).username else bearer_auth(server.key),
+            auth=None
+            if not server.key and urlsplit(server.base_url).username
+            else bearer_auth(server.key),
             timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
             stream=True,  # return at the headers; the caller reads the body
-            hooks={"response": refuse_other_origins})
+            hooks={"response": refuse_other_origins},
+        )
     except requests.RequestException as exc:
         raise chat_error(exc, server) from None
     if trace:
@@ -891,8 +1139,17 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
         raise api_error(response, error_body)
     return response
 
-def call(session, server: Server, path: str, body: dict | None, read, env: Env,
-         trace: Trace | None = None, fallback: dict | None = None):
+
+def call(
+    session,
+    server: Server,
+    path: str,
+    body: dict | None,
+    read,
+    env: Env,
+    trace: Trace | None = None,
+    fallback: dict | None = None,
+):
     """Send body and return read(response, streamed), retrying what a retry can fix; streamed
     is what the body is, whatever was asked. A fallback body goes when the first's response_format
     is rejected."""
@@ -902,14 +1159,20 @@ def call(session, server: Server, path: str, body: dict | None, read, env: Env,
             response = send(session, server, path, body, trace)
             content_type = response.headers.get("Content-Type", "")
             streamed = "text/event-stream" in content_type or (
-                bool(body and body.get("stream")) and "json" not in content_type)
+                bool(body and body.get("stream")) and "json" not in content_type
+            )
             return read(response, streamed)
         except ChatError as error:
-            rejection = isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error))
+            rejection = (
+                isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error))
+            )
             if fallback and rejection:
                 if trace:
-                    trace.write("* ", 'the server rejects this response_format; sending it as '
-                                      '{"type": "json_object", "schema": ...}')
+                    trace.write(
+                        "* ",
+                        "the server rejects this response_format; sending it as "
+                        '{"type": "json_object", "schema": ...}',
+                    )
                 body, fallback, rejected = fallback, None, error
                 continue
             if rejected and rejection:
@@ -918,18 +1181,25 @@ def call(session, server: Server, path: str, body: dict | None, read, env: Env,
             if wait is None:
                 raise
             attempt += 1
-            env.warn(f"{error.brief}; retrying in {wait:.1f} s ({attempt + 1} of {server.retries + 1})")
+            env.warn(
+                f"{error.brief}; retrying in {wait:.1f} s ({attempt + 1} of {server.retries + 1})"
+            )
             env.sleep(wait)
 
 
 # ------------------------------------------------------------ replies and output
 
+
 def message_text(content) -> str | None:
     """Text from a message's content: a string, or a list of text parts."""
     if isinstance(content, list):
-        return "".join(part["text"] for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return content if isinstance(content, str) else None
+
 
 def reasoning_text(message: dict) -> str:
     """reasoning_content (DeepSeek, llama.cpp), else reasoning (vLLM, Ollama, OpenRouter)."""
@@ -937,6 +1207,7 @@ def reasoning_text(message: dict) -> str:
         if isinstance(message.get(name), str) and message[name]:
             return message[name]
     return ""
+
 
 def add_tool_calls(calls: dict[int, dict], items) -> int:
     """Merge tool calls, or pieces of them, into calls by index (else a name or new id starts one)."""
@@ -947,17 +1218,22 @@ def add_tool_calls(calls: dict[int, dict], items) -> int:
             continue
         index, last = item.get("index"), max(calls, default=-1)
         if not isinstance(index, int):
-            starts = last < 0 or function.get("name") or item.get("id") not in (None, calls[last]["id"])
+            starts = (
+                last < 0 or function.get("name") or item.get("id") not in (None, calls[last]["id"])
+            )
             index = last + 1 if starts else last
         call = calls.setdefault(index, {"id": item.get("id"), "name": "", "pieces": []})
         name, arguments = function.get("name"), function.get("arguments")
         if isinstance(name, str) and not call["name"]:
             call["name"] = name
         if arguments is not None:
-            piece = arguments if isinstance(arguments, str) else json.dumps(arguments)  # sent parsed
+            piece = (
+                arguments if isinstance(arguments, str) else json.dumps(arguments)
+            )  # sent parsed
             call["pieces"].append(piece)
             added += len(piece)
     return added
+
 
 def tool_call_lines(calls: dict[int, dict]) -> str:
     """One JSON line per tool call, {"name": ..., "arguments": ...}, the arguments parsed."""
@@ -968,12 +1244,16 @@ def tool_call_lines(calls: dict[int, dict]) -> str:
             arguments = json.loads(arguments)
         except (ValueError, RecursionError):
             pass
-        lines.append(json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n")
+        lines.append(
+            json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n"
+        )
     return "".join(lines)
+
 
 def after_text(text: str, calls: str) -> str:
     """What follows text so that tool-call lines start on a line of their own."""
     return ("\n" if calls and text and not text.endswith("\n") else "") + calls
+
 
 def read_json(response, server: Server, trace: Trace | None):
     """A whole reply's JSON (deep nesting is not JSON here either)."""
@@ -985,13 +1265,16 @@ def read_json(response, server: Server, trace: Trace | None):
     except (ValueError, RecursionError):
         raise ApiError(f"the server's reply is not JSON: {text_snippet(data)!r}") from None
 
+
 def read_reply(response, server: Server, trace: Trace | None) -> Reply:
     """The reply of a non-streamed completion."""
     payload = read_json(response, server, trace)
     if not isinstance(payload, dict):
         raise ApiError("unexpected reply from the server: not a JSON object")
     if "error" in payload and "choices" not in payload:
-        raise ApiError(f"the server reported an error: {error_message(payload) or json.dumps(payload)}")
+        raise ApiError(
+            f"the server reported an error: {error_message(payload) or json.dumps(payload)}"
+        )
     choices = payload.get("choices")
     first = choices[0] if isinstance(choices, list) and choices else None
     message = first.get("message") if isinstance(first, dict) else None
@@ -1009,14 +1292,19 @@ def read_reply(response, server: Server, trace: Trace | None) -> Reply:
     reply.text = (text or "") + after_text(text or "", tool_call_lines(reply.tool_calls))
     return reply
 
+
 def read_models(response, server: Server, trace: Trace | None) -> list[str]:
     """The model ids of a GET /models reply, sorted."""
     payload = read_json(response, server, trace)
     models = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(models, list):
         raise ApiError("unexpected reply from the server: no list of models ('data')")
-    return sorted(model["id"] for model in models
-                  if isinstance(model, dict) and isinstance(model.get("id"), str))
+    return sorted(
+        model["id"]
+        for model in models
+        if isinstance(model, dict) and isinstance(model.get("id"), str)
+    )
+
 
 class SSEDecoder:
     """A Server-Sent Events parser (WHATWG HTML, "Server-sent events"), fed bytes as they arrive.
@@ -1072,11 +1360,14 @@ class SSEDecoder:
                     self.data.append(value)
                     self.data_size += len(value)
                     if self.data_size > MAX_REPLY:
-                        raise ApiError(f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB")
+                        raise ApiError(
+                            f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB"
+                        )
                 elif field == "event":
                     self.event = value
                 # "id" and "retry" only matter to a client that reconnects; this one does not.
         return events
+
 
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     """The text and reasoning an event adds to choice 0; the rest is recorded on reply."""
@@ -1108,10 +1399,15 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
             continue
         content = delta.get("content") or delta.get("refusal")
         text = content if isinstance(content, str) else ""
-        reasoning = reasoning_text(delta) if "reasoning_content" in delta or "reasoning" in delta else ""
-        added = add_tool_calls(reply.tool_calls, delta["tool_calls"]) if "tool_calls" in delta else 0
+        reasoning = (
+            reasoning_text(delta) if "reasoning_content" in delta or "reasoning" in delta else ""
+        )
+        added = (
+            add_tool_calls(reply.tool_calls, delta["tool_calls"]) if "tool_calls" in delta else 0
+        )
         reply.size += len(text) + len(reasoning) + added
     return text, reasoning
+
 
 class Output:
     """One reply as it arrives: text on stdout, reasoning on stderr (dimmed, or labelled), a
@@ -1166,10 +1462,12 @@ class Output:
         if self.held_cr:
             self.env.write(self.held_cr)
             self.text_end, self.held_cr = "\r", ""
-        if outcome != "interrupted" and (self.text_end not in (None, "\n") or
-                                         (outcome == "complete" and self.text_end is None)):
+        if outcome != "interrupted" and (
+            self.text_end not in (None, "\n") or (outcome == "complete" and self.text_end is None)
+        ):
             self.env.stdout.write("\n")
         self.flush()
+
 
 def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
     """Show a streamed reply as it arrives, and return it whole. Keep-alives only is a timeout."""
@@ -1199,14 +1497,20 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
             if reply.done:
                 break
             if reply.size > MAX_REPLY:
-                raise ApiError(f"the streamed reply passed {MAX_REPLY // 2**20} MiB; chat.py stopped there")
+                raise ApiError(
+                    f"the streamed reply passed {MAX_REPLY // 2**20} MiB; chat.py stopped there"
+                )
             if fresh:
                 last_data = time.monotonic()
             elif time.monotonic() - last_data > server.timeout:
-                raise TimedOut(f"{server.host} sent no data for {server.timeout:g} s, only keep-alives "
-                               "(--timeout)")
+                raise TimedOut(
+                    f"{server.host} sent no data for {server.timeout:g} s, only keep-alives "
+                    "(--timeout)"
+                )
     except ChatError as error:
-        error.retryable = error.retryable and output.text_end is None  # nothing shown: a retry may help
+        error.retryable = (
+            error.retryable and output.text_end is None
+        )  # nothing shown: a retry may help
         raise
     finally:
         response.close()
@@ -1216,42 +1520,57 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
     reply.text, reply.reasoning = text + calls, "".join(thoughts)
     return reply
 
+
 def token_detail(usage, group: str, name: str) -> int | None:
     """A count inside usage's prompt_tokens_details or completion_tokens_details, if reported."""
     details = usage.get(group) if isinstance(usage, dict) else None
     value = details.get(name) if isinstance(details, dict) else None
     return value if isinstance(value, int) else None
 
+
 def reply_warnings(reply: Reply) -> list[str]:
     """What to tell the user about a reply that may not be whole, or was one of several."""
     warnings = []
     if reply.choices > 1:
-        warnings.append(f"the server sent {reply.choices} choices (-o n); only the first is shown, "
-                        f"{reply.choices - 1} dropped")
+        warnings.append(
+            f"the server sent {reply.choices} choices (-o n); only the first is shown, "
+            f"{reply.choices - 1} dropped"
+        )
     if reply.finish_reason == "length" and not reply.text.strip():
         count = token_detail(reply.usage, "completion_tokens_details", "reasoning_tokens")
         tokens = f" ({count} reasoning tokens)" if count is not None else ""
-        warnings.append(f"the token limit went to reasoning{tokens} before any answer: "
-                        "raise --max-tokens or lower --reasoning-effort")
+        warnings.append(
+            f"the token limit went to reasoning{tokens} before any answer: "
+            "raise --max-tokens or lower --reasoning-effort"
+        )
     elif reply.finish_reason == "length":
         warnings.append("the reply was cut off at the token limit (finish_reason: length)")
     elif reply.finish_reason == "content_filter":
-        warnings.append("the reply was cut off by the content filter (finish_reason: content_filter)")
+        warnings.append(
+            "the reply was cut off by the content filter (finish_reason: content_filter)"
+        )
     elif reply.streamed and not reply.done and not reply.finish_reason:
         warnings.append("the stream ended before the reply was complete")
     return warnings
 
+
 def usage_line(usage) -> str:
     """-u: the token counts the server reported, as they were reported."""
-    if not (isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int)
-            and isinstance(usage.get("completion_tokens"), int)):
+    if not (
+        isinstance(usage, dict)
+        and isinstance(usage.get("prompt_tokens"), int)
+        and isinstance(usage.get("completion_tokens"), int)
+    ):
         return "usage: not reported by the server"
     counts = [f"{usage['prompt_tokens']} in", f"{usage['completion_tokens']} out"]
-    for group, name, label in (("prompt_tokens_details", "cached_tokens", "cached"),
-                               ("completion_tokens_details", "reasoning_tokens", "reasoning")):
+    for group, name, label in (
+        ("prompt_tokens_details", "cached_tokens", "cached"),
+        ("completion_tokens_details", "reasoning_tokens", "reasoning"),
+    ):
         if (value := token_detail(usage, group, name)) is not None:
             counts.append(f"{value} {label}")
     return "usage: " + ", ".join(counts)
+
 
 def check_json_reply(text: str, schema: dict) -> None:
     """--schema: the reply must be JSON with every field the schema requires at its top."""
@@ -1262,11 +1581,14 @@ def check_json_reply(text: str, schema: dict) -> None:
     required = schema.get("required") if isinstance(schema.get("required"), list) else []
     missing = [name for name in required if not (isinstance(value, dict) and name in value)]
     if missing:
-        raise ApiError(f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
-                       f"{', '.join(map(str, missing))} that --schema asked for")
+        raise ApiError(
+            f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(map(str, missing))} that --schema asked for"
+        )
 
 
 # ------------------------------------------------------------ saved conversations
+
 
 def state_dir(env: Env) -> str:
     """$CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (if absolute), else ~/.local/state/chat-py."""
@@ -1275,9 +1597,11 @@ def state_dir(env: Env) -> str:
         state = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
     return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
 
+
 def check_folder(folder: str) -> None:
     """Refuse a folder owned by someone else or writable by others, as ssh refuses such a ~/.ssh."""
     import shlex
+
     try:
         info = os.stat(folder)
     except FileNotFoundError:
@@ -1285,13 +1609,18 @@ def check_folder(folder: str) -> None:
     except OSError as exc:
         raise UsageError(f"cannot use the folder {folder}: {exc.strerror}") from None
     if info.st_uid != os.getuid():
-        raise UsageError(f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
-                         "keeps conversations only in a folder of your own",
-                         hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; "
-                              "or set CHAT_PY_HOME)")
+        raise UsageError(
+            f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
+            "keeps conversations only in a folder of your own",
+            hint=f"(chown it to yourself, then chmod 700 {shlex.quote(folder)}; "
+            "or set CHAT_PY_HOME)",
+        )
     if info.st_mode & 0o022:
-        raise UsageError(f"the folder {folder} is writable by others, who could plant files there",
-                         hint=f"(chmod 700 {shlex.quote(folder)} fixes it)")
+        raise UsageError(
+            f"the folder {folder} is writable by others, who could plant files there",
+            hint=f"(chmod 700 {shlex.quote(folder)} fixes it)",
+        )
+
 
 def make_folder(folder: str) -> None:
     """Create folder and any missing parents, each 0700 whatever the umask."""
@@ -1301,6 +1630,7 @@ def make_folder(folder: str) -> None:
     finally:
         os.umask(umask)
 
+
 def open_private(path: str, flags: int = os.O_RDONLY) -> int:
     """A file in the state folder, never through a link, and only a regular file."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
@@ -1309,6 +1639,7 @@ def open_private(path: str, flags: int = os.O_RDONLY) -> int:
         raise IsADirectoryError(0, "not a regular file")
     return fd
 
+
 def read_private(path: str) -> bytes:
     try:
         with open(open_private(path), "rb") as file:
@@ -1316,13 +1647,17 @@ def read_private(path: str) -> bytes:
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
+
 def check_name(name: str) -> str:
     """A conversation name, checked before any file is touched: it can never become a path."""
     name = name.removesuffix(".jsonl")
     if not NAME_PATTERN.fullmatch(name):
-        raise UsageError(f"{name!r} is not a conversation name: use up to 64 letters, digits, "
-                         "'.', '_' or '-', not starting with '.'")
+        raise UsageError(
+            f"{name!r} is not a conversation name: use up to 64 letters, digits, "
+            "'.', '_' or '-', not starting with '.'"
+        )
     return name
+
 
 def new_name(folder: str) -> str:
     """A fresh conversation name that sorts by time, such as 20261126-191002-a3f."""
@@ -1331,12 +1666,14 @@ def new_name(folder: str) -> str:
         if not os.path.lexists(os.path.join(folder, f"{name}.jsonl")):
             return name
 
+
 def not_a_file(path: str) -> str | None:
     """Why a conversation file cannot be used (a link, a folder, a device), or None."""
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):
         return "is a symbolic link, which chat.py does not follow"
     return None if stat.S_ISREG(mode) else "is not a regular file"
+
 
 def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
     """(modification time, name) of each conversation, newest first; links are skipped, with a warning."""
@@ -1350,10 +1687,13 @@ def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
     found = []
     for entry in entries:
         if entry.is_file(follow_symlinks=False):
-            found.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry.name.removesuffix(".jsonl")))
+            found.append(
+                (entry.stat(follow_symlinks=False).st_mtime_ns, entry.name.removesuffix(".jsonl"))
+            )
         else:
             env.warn(f"skipped {entry.path}: {not_a_file(entry.path)}")
     return sorted(found, reverse=True)
+
 
 def conversation_path(folder: str, name: str) -> str:
     """The file of an existing conversation; an unknown name, a link or a device is a usage error."""
@@ -1362,16 +1702,20 @@ def conversation_path(folder: str, name: str) -> str:
     try:
         problem = not_a_file(path)
     except FileNotFoundError:
-        raise UsageError(f"no conversation named {name!r} in {folder}",
-                         hint="(python chat.py --chats lists them)") from None
+        raise UsageError(
+            f"no conversation named {name!r} in {folder}",
+            hint="(python chat.py --chats lists them)",
+        ) from None
     if problem:
         raise UsageError(f"{path} {problem}")
     return path
+
 
 def newest_conversation(folder: str, env: Env) -> str:
     for _, name in saved_conversations(folder, env):
         return name
     raise UsageError(f"no saved conversation in {folder} yet: ask a question first")
+
 
 def load_turns(path: str, env: Env) -> list[dict]:
     """A conversation's turns; a line that is not one is skipped with a warning, a retry replaces one."""
@@ -1383,14 +1727,20 @@ def load_turns(path: str, env: Env) -> list[dict]:
             turn = json.loads(line)
         except (ValueError, RecursionError):
             turn = None
-        if not (isinstance(turn, dict) and isinstance(turn.get("user"), dict)
-                and isinstance(turn.get("assistant"), str)):
-            env.warn(f"{path} line {number} is not a saved turn (a torn write or a bad edit?); skipped")
+        if not (
+            isinstance(turn, dict)
+            and isinstance(turn.get("user"), dict)
+            and isinstance(turn.get("assistant"), str)
+        ):
+            env.warn(
+                f"{path} line {number} is not a saved turn (a torn write or a bad edit?); skipped"
+            )
             continue
         if turn.pop("retry", False) and turns:
             turns.pop()
         turns.append(turn)
     return turns
+
 
 def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: Env) -> Conversation:
     """The conversation this run goes on with (-c, --chat NAME), or a new one."""
@@ -1404,6 +1754,7 @@ def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: En
         conversation.turns = load_turns(conversation_path(folder, name), env)
     return conversation
 
+
 def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]) -> None:
     """Append a turn as one line with one write, then fsync, to a 0600 file; no secret is written."""
     check_folder(conversation.folder)
@@ -1416,10 +1767,11 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # never glue a turn onto a torn last line
         while data:  # one write, unless the disk fills up: then the next one says why
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
 
 def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
     """Keep a finished turn (a retry replaces the last); a failure to save is a warning."""
@@ -1434,18 +1786,31 @@ def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = Fa
     except OSError as exc:
         env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
 
-def make_turn(body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str) -> dict:
+
+def make_turn(
+    body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str
+) -> dict:
     """A turn as it is saved."""
     first = body["messages"][0]
-    return drop_nones({
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "model": body.get("model"),
-        "system": first["content"] if first.get("role") == "system" else None,
-        "user": user_message, "images": list(images) or None,
-        "assistant": reply.text, "answered_by": reply.model, "finish_reason": reply.finish_reason,
-        "usage": reply.usage, "base_url": public_url(base_url)})
+    return drop_nones(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": body.get("model"),
+            "system": first["content"] if first.get("role") == "system" else None,
+            "user": user_message,
+            "images": list(images) or None,
+            "assistant": reply.text,
+            "answered_by": reply.model,
+            "finish_reason": reply.finish_reason,
+            "usage": reply.usage,
+            "base_url": public_url(base_url),
+        }
+    )
+
 
 def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
+
 
 def list_conversations(folder: str, env: Env) -> None:
     """--chats: one line per conversation, newest first; only its first line is parsed."""
@@ -1457,26 +1822,38 @@ def list_conversations(folder: str, env: Env) -> None:
         lines = read_private(os.path.join(folder, f"{name}.jsonl")).split(b"\n")
         turns = sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
         try:
-            question = one_line(message_text(json.loads(lines[0])["user"]["content"]) or "", room=60)
+            question = one_line(
+                message_text(json.loads(lines[0])["user"]["content"]) or "", room=60
+            )
         except (ValueError, KeyError, TypeError, RecursionError):
             question = "?"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
         env.write(f"{name:<{width}}  {plural(turns, 'turn'):>9}  {when}  {question}\n")
 
+
 def readable(turn: dict) -> str:
     """A turn's question, then an [image: ...] line per image, named as the user gave it."""
     content = turn["user"].get("content")
     parts = content if isinstance(content, list) else []
-    urls = [part["image_url"].get("url") for part in parts
-            if isinstance(part, dict) and isinstance(part.get("image_url"), dict)]
+    urls = [
+        part["image_url"].get("url")
+        for part in parts
+        if isinstance(part, dict) and isinstance(part.get("image_url"), dict)
+    ]
     sources = turn["images"] if isinstance(turn.get("images"), list) else urls
-    return "\n".join([message_text(content) or ""] + [f"[image: {elide_base64(str(s))}]" for s in sources])
+    return "\n".join(
+        [message_text(content) or ""] + [f"[image: {elide_base64(str(s))}]" for s in sources]
+    )
+
 
 def show_conversation(path: str, env: Env) -> None:
     """--show: the conversation for a person to read, each question and answer in order."""
     from datetime import datetime
+
     turns, system = load_turns(path, env), None
-    env.write(f"conversation {os.path.basename(path).removesuffix('.jsonl')}: {plural(len(turns), 'turn')}\n")
+    env.write(
+        f"conversation {os.path.basename(path).removesuffix('.jsonl')}: {plural(len(turns), 'turn')}\n"
+    )
     for turn in turns:
         if turn.get("system") != system:
             system = turn.get("system")
@@ -1487,15 +1864,17 @@ def show_conversation(path: str, env: Env) -> None:
         except ValueError:
             when = str(turn.get("time"))
         env.write(f"\nyou, {when}:\n{readable(turn)}\n")
-        env.write(f"\n{turn.get('answered_by') or turn.get('model') or 'assistant'}:\n{turn['assistant']}\n")
-
-
+        env.write(
+            f"\n{turn.get('answered_by') or turn.get('model') or 'assistant'}:\n{turn['assistant']}\n"
+        )
 
 
 # ------------------------------------------------------------ the command line
 
+
 def number_type(convert, wanted: str, is_valid=lambda value: True):
     """An argparse type: a finite number (convert is int or float) for which is_valid holds."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -1504,82 +1883,172 @@ def number_type(convert, wanted: str, is_valid=lambda value: True):
         if not math.isfinite(value) or not is_valid(value):
             raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
         return value
+
     return parse
+
 
 def raise_usage_error(message: str):
     # "argument --max-tokens: must be ..." reads better as "--max-tokens must be ..."
     raise UsageError(re.sub(r"^argument (\S+): must be", r"\1 must be", message) + " (see --help)")
 
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="chat.py", add_help=False, description="Ask an OpenAI-compatible chat-completions API. "
+        prog="chat.py",
+        add_help=False,
+        description="Ask an OpenAI-compatible chat-completions API. "
         "With no question on a terminal, start a conversation. Answered questions are saved: -c goes on.",
         epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, "
         "70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY (or .env); "
-        "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.")
+        "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
+    )
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")
     add("-h", "--help", action="store_true", help="show this help and exit")
-    add("-c", "--continue", dest="continue_", action="store_true", help="continue the newest conversation")
+    add(
+        "-c",
+        "--continue",
+        dest="continue_",
+        action="store_true",
+        help="continue the newest conversation",
+    )
     add("--chat", metavar="NAME", help="continue conversation NAME, or start it")
     add("--chats", action="store_true", help="list the saved conversations, newest first")
-    add("--show", nargs="?", const="", metavar="NAME", help="print a conversation (default: the newest)")
+    add(
+        "--show",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="print a conversation (default: the newest)",
+    )
     add("--forget", nargs="+", metavar="NAME", help="delete saved conversations")
     add("--no-save", action="store_true", help="do not save this run (or set CHAT_PY_NO_SAVE=1)")
-    add("-f", "--file", action="append", default=[], metavar="PATH", help="add a text file (repeatable)")
-    add("--image", action="append", default=[], metavar="PATH_OR_URL", help="attach an image (repeatable)")
-    add("--detail", choices=["low", "high", "original", "auto"], help="image detail, and how far to shrink")
-    add("--schema", metavar="SPEC", help="answer in JSON: a JSON Schema, @file.json or 'name, age int'")
+    add(
+        "-f",
+        "--file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="add a text file (repeatable)",
+    )
+    add(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH_OR_URL",
+        help="attach an image (repeatable)",
+    )
+    add(
+        "--detail",
+        choices=["low", "high", "original", "auto"],
+        help="image detail, and how far to shrink",
+    )
+    add(
+        "--schema",
+        metavar="SPEC",
+        help="answer in JSON: a JSON Schema, @file.json or 'name, age int'",
+    )
     add("--stream", action=argparse.BooleanOptionalAction, help="print the reply as it arrives")
     add("-m", "--model", metavar="NAME", help=f"model (env OPENAI_MODEL, else {DEFAULT_MODEL})")
     add("-s", "--system", metavar="TEXT", help="system prompt ('' for none)")
-    add("--temperature", type=number_type(float, "a number"), metavar="F", help="sampling temperature")
-    add("--max-tokens", type=number_type(int, "a whole number of at least 1", lambda value: value >= 1),
-        metavar="N", help="most tokens in the reply")
+    add(
+        "--temperature",
+        type=number_type(float, "a number"),
+        metavar="F",
+        help="sampling temperature",
+    )
+    add(
+        "--max-tokens",
+        type=number_type(int, "a whole number of at least 1", lambda value: value >= 1),
+        metavar="N",
+        help="most tokens in the reply",
+    )
     add("--reasoning-effort", metavar="LEVEL", help="sent as reasoning_effort (servers differ)")
-    add("--reasoning", choices=["show", "hide"], help="reasoning on stderr (default: shown on a terminal)")
-    add("-o", "--option", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-        help="set any body field: VALUE as JSON, else text; null leaves it out (repeatable)")
+    add(
+        "--reasoning",
+        choices=["show", "hide"],
+        help="reasoning on stderr (default: shown on a terminal)",
+    )
+    add(
+        "-o",
+        "--option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="set any body field: VALUE as JSON, else text; null leaves it out (repeatable)",
+    )
     add("-u", "--usage", action="store_true", help="print the token usage on stderr")
     add("--models", action="store_true", help="list the server's models and exit")
-    add("--base-url", metavar="URL", help=f"API root (env OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
-    add("--timeout", type=number_type(float, "a number of seconds above 0", lambda value: value > 0),
-        default=DEFAULT_TIMEOUT, metavar="S", help="seconds to wait for each read (default: %(default)g)")
-    add("--retries", type=number_type(int, "a whole number of at least 0", lambda value: value >= 0),
-        default=DEFAULT_RETRIES, metavar="N", help="retries of a failed request (default: %(default)s)")
-    add("-v", "--verbose", action="store_true", help="trace the HTTP exchange on stderr (the key masked)")
+    add(
+        "--base-url", metavar="URL", help=f"API root (env OPENAI_BASE_URL, else {DEFAULT_BASE_URL})"
+    )
+    add(
+        "--timeout",
+        type=number_type(float, "a number of seconds above 0", lambda value: value > 0),
+        default=DEFAULT_TIMEOUT,
+        metavar="S",
+        help="seconds to wait for each read (default: %(default)g)",
+    )
+    add(
+        "--retries",
+        type=number_type(int, "a whole number of at least 0", lambda value: value >= 0),
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="retries of a failed request (default: %(default)s)",
+    )
+    add(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="trace the HTTP exchange on stderr (the key masked)",
+    )
     add("--curl", action="store_true", help="print the equivalent curl command and send nothing")
     add("--version", action="store_true", help="print the version and exit")
     parser.error = raise_usage_error
     return parser
 
+
 def read_dotenv(env: Env) -> dict[str, str]:
     """DOTENV_NAMES from ./.env, and nothing else; nothing of it enters the environment."""
     import io
     import logging
+
     try:
         with open(os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
-            data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+            data = (
+                file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+            )
     except OSError:
         return {}
     if data is None or len(data) > MAX_DOTENV:
         env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
         return {}
     from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a .env
+
     def warn_instead(record: logging.LogRecord) -> bool:
         env.warn(".env: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
         return False
+
     logger = logging.getLogger("dotenv.main")
     logger.addFilter(warn_instead)
     try:
-        values = dotenv_values(stream=io.StringIO(data.decode("utf-8", "replace")), interpolate=False)
+        values = dotenv_values(
+            stream=io.StringIO(data.decode("utf-8", "replace")), interpolate=False
+        )
     finally:
         logger.removeFilter(warn_instead)
     if ignored := sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name)):
-        env.warn(f".env: {', '.join(ignored)} ignored: a .env sets only {', '.join(DOTENV_NAMES)}; "
-                 "set the others in your shell")
-    return {name: value.strip() for name, value in values.items()
-            if name in DOTENV_NAMES and value and value.strip()}
+        env.warn(
+            f".env: {', '.join(ignored)} ignored: a .env sets only {', '.join(DOTENV_NAMES)}; "
+            "set the others in your shell"
+        )
+    return {
+        name: value.strip()
+        for name, value in values.items()
+        if name in DOTENV_NAMES and value and value.strip()
+    }
+
 
 def make_server(args: argparse.Namespace, env: Env) -> Server:
     """The base URL and key from the command line, the environment, then ./.env."""
@@ -1592,53 +2061,82 @@ def make_server(args: argparse.Namespace, env: Env) -> Server:
     except ValueError:
         port_ok = False
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise UsageError(f"--base-url must be an http:// or https:// URL, not {shown_url(base_url)!r}")
+        raise UsageError(
+            f"--base-url must be an http:// or https:// URL, not {shown_url(base_url)!r}"
+        )
     key = env.get("OPENAI_API_KEY") or dotenv.get("OPENAI_API_KEY", "")
     env.secrets = tuple(secret for secret in (key, parts.password) if secret)
-    return Server(base_url, key, args.timeout, args.retries,
-                  url_from_dotenv=not chosen and "OPENAI_BASE_URL" in dotenv,
-                  key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
-                  model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"))
+    return Server(
+        base_url,
+        key,
+        args.timeout,
+        args.retries,
+        url_from_dotenv=not chosen and "OPENAI_BASE_URL" in dotenv,
+        key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
+        model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"),
+    )
+
 
 def check_key(server: Server, env: Env) -> None:
     """Before anything is sent: the key must fit in a header and go only where its owner sent it."""
     where = urlsplit(server.base_url)
     if not server.key and is_openai_host(server.base_url):
-        raise UsageError("OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                         "(see .env.example); a local server needs no key: pass its --base-url")
+        raise UsageError(
+            "OPENAI_API_KEY is not set: export it, or put it in a .env file "
+            "(see .env.example); a local server needs no key: pass its --base-url"
+        )
     if not server.key:
         return
     # requests would refuse such a header, quoting it (and so the key) in its error.
     if not server.key.isascii() or not server.key.isprintable() or " " in server.key:
-        raise UsageError("OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value")
+        raise UsageError(
+            "OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value"
+        )
     if server.url_from_dotenv and not server.key_from_dotenv and not is_loopback(where.hostname):
-        raise UsageError(f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes "
-                         "from your environment, not from that .env: chat.py will not send it there",
-                         hint="(if you trust it, put the key in that .env too, or pass --base-url or "
-                              "export OPENAI_BASE_URL)")
+        raise UsageError(
+            f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes "
+            "from your environment, not from that .env: chat.py will not send it there",
+            hint="(if you trust it, put the key in that .env too, or pass --base-url or "
+            "export OPENAI_BASE_URL)",
+        )
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
 
-def make_settings(args: argparse.Namespace, env: Env, server: Server, conversation: Conversation,
-                  interactive: bool) -> Settings:
+
+def make_settings(
+    args: argparse.Namespace,
+    env: Env,
+    server: Server,
+    conversation: Conversation,
+    interactive: bool,
+) -> Settings:
     """The run's settings; a continued conversation keeps its model and system prompt."""
     last = conversation.turns[-1] if conversation.turns else {}
     return Settings(
         model=args.model or last.get("model") or server.model or DEFAULT_MODEL,
         system=args.system if args.system is not None else last.get("system"),
-        temperature=args.temperature, max_tokens=args.max_tokens,
-        reasoning_effort=args.reasoning_effort, options=parse_options(args.option),
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        reasoning_effort=args.reasoning_effort,
+        options=parse_options(args.option),
         schema=parse_schema(args.schema, env) if args.schema is not None else None,
-        stream=args.stream if args.stream is not None else interactive, usage=args.usage,
+        stream=args.stream if args.stream is not None else interactive,
+        usage=args.usage,
         show_reasoning=args.reasoning == "show" or (args.reasoning is None and env.stderr_tty),
-        verbose=args.verbose)
+        verbose=args.verbose,
+    )
+
 
 def curl_command(server: Server, body: dict) -> str:
     """A shell command that sends the same request with curl; the key stays in $OPENAI_API_KEY."""
     import shlex
+
     url = shown_url(api_url(server.base_url, "/chat/completions"))
-    lines = [f"curl {'-N ' if body.get('stream') else ''}{shlex.quote(url)}",
-             "-H 'Content-Type: application/json'", f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}"]
+    lines = [
+        f"curl {'-N ' if body.get('stream') else ''}{shlex.quote(url)}",
+        "-H 'Content-Type: application/json'",
+        f"-H {shlex.quote('User-Agent: ' + USER_AGENT)}",
+    ]
     if server.key or is_openai_host(server.base_url):
         lines.append('-H "Authorization: Bearer $OPENAI_API_KEY"')
     lines.append("--data-binary @- <<'JSON'")
@@ -1648,37 +2146,58 @@ def curl_command(server: Server, body: dict) -> str:
 
 # ------------------------------------------------------------------------ main
 
+
 def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = False) -> Reply:
     """Send the conversation and the new question, show the reply, save the turn."""
     env, settings, server = chat.env, chat.settings, chat.server
     turns = chat.conversation.turns[:-1] if retry else chat.conversation.turns
     question = message_text(user_message["content"]) or ""
     if len(question) > LARGE_QUESTION:
-        env.warn(f"a large question: about {len(question) // 4:,} tokens "
-                 f"({len(question):,} characters); a small model's context may not hold it")
-    body = build_body(settings, build_messages(turns, user_message, settings.system), server.base_url)
+        env.warn(
+            f"a large question: about {len(question) // 4:,} tokens "
+            f"({len(question):,} characters); a small model's context may not hold it"
+        )
+    body = build_body(
+        settings, build_messages(turns, user_message, settings.system), server.base_url
+    )
     trace = Trace(env, server.key) if settings.verbose else None
     output = Output(env, settings.show_reasoning, spin=not trace)  # the trace shows progress itself
 
     def read(response, streamed: bool) -> Reply:
-        return (stream_reply(response, server, output, trace) if streamed
-                else read_reply(response, server, trace))
+        return (
+            stream_reply(response, server, output, trace)
+            if streamed
+            else read_reply(response, server, trace)
+        )
 
     outcome = "interrupted"
     try:
-        reply = call(chat.session, server, "/chat/completions", body, read, env, trace,
-                     json_object_fallback(body, settings.schema))
+        reply = call(
+            chat.session,
+            server,
+            "/chat/completions",
+            body,
+            read,
+            env,
+            trace,
+            json_object_fallback(body, settings.schema),
+        )
         if not reply.streamed:
             output.reasoning(reply.reasoning)
             output.text(reply.text)
         outcome = "complete"
     except ChatError as error:
         outcome = "failed"
-        if isinstance(error, ApiError) and error.overflow:  # advice for a full context, a long think
-            error.hint = (f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
-                          "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
-                          if turns else "(the question alone fills the model's context: shorten it, or "
-                          "set a smaller --max-tokens)")
+        if (
+            isinstance(error, ApiError) and error.overflow
+        ):  # advice for a full context, a long think
+            error.hint = (
+                f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
+                "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
+                if turns
+                else "(the question alone fills the model's context: shorten it, or "
+                "set a smaller --max-tokens)"
+            )
         elif isinstance(error, TimedOut) and settings.reasoning_effort:
             error.hint = "(a long think may need --stream or a larger --timeout)"
         raise
@@ -1692,20 +2211,32 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
         env.say(usage_line(reply.usage))
     if settings.schema:
         check_json_reply(reply.text, settings.schema)
-    keep_turn(chat.conversation, make_turn(body, user_message, reply, images, server.base_url), env, retry)
+    keep_turn(
+        chat.conversation, make_turn(body, user_message, reply, images, server.base_url), env, retry
+    )
     return reply
+
 
 def print_models(server: Server, verbose: bool, env: Env) -> int:
     """--models: the ids the server lists at BASE_URL/models, sorted, one per line."""
     import requests
+
     trace = Trace(env, server.key) if verbose else None
     with requests.Session() as session:
-        models = call(session, server, "/models", None,
-                      lambda response, _: read_models(response, server, trace), env, trace)
+        models = call(
+            session,
+            server,
+            "/models",
+            None,
+            lambda response, _: read_models(response, server, trace),
+            env,
+            trace,
+        )
     if not models:
         env.warn("the server lists no models")
     env.write("".join(model + "\n" for model in models))
     return ExitStatus.OK
+
 
 def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int:
     """--chats, --show and --forget: no network, no key."""
@@ -1719,8 +2250,11 @@ def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int
                 raise UsageError(f"cannot delete {path}: {exc.strerror}") from None
             env.write(f"forgot {check_name(name)} (deleted {path})\n")
     else:
-        show_conversation(conversation_path(folder, args.show or newest_conversation(folder, env)), env)
+        show_conversation(
+            conversation_path(folder, args.show or newest_conversation(folder, env)), env
+        )
     return ExitStatus.OK
+
 
 def run(args: argparse.Namespace, env: Env) -> int:
     """The program without its error handling."""
@@ -1753,18 +2287,23 @@ def run(args: argparse.Namespace, env: Env) -> int:
             env.say(f"* {note}")
     image_urls = [url for url, _ in images]
     if args.curl:
-        messages = build_messages(conversation.turns, build_user_message(question, image_urls, args.detail),
-                                  settings.system)
+        messages = build_messages(
+            conversation.turns,
+            build_user_message(question, image_urls, args.detail),
+            settings.system,
+        )
         env.write(curl_command(server, build_body(settings, messages, server.base_url)) + "\n")
         return ExitStatus.OK
 
     import requests
+
     with requests.Session() as session:
         chat = Chat(env, server, settings, conversation, session)
         if interactive:
             return converse(chat, files, args.image, image_urls, args.detail)
         ask(chat, build_user_message(question, image_urls, args.detail), args.image)
     return ExitStatus.OK
+
 
 def main(argv: list[str] | None = None, env: Env | None = None) -> int:
     """Run chat.py (in env, or this process) and return the exit status; failures end here."""
@@ -1785,18 +2324,32 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
     except Exception as exc:
         package = PACKAGES.get((getattr(exc, "name", None) or "").partition(".")[0])
         if isinstance(exc, ModuleNotFoundError) and package:
-            exc = UsageError(f"the {package} package is missing: this Python ({sys.executable}) cannot "
-                             f"import {exc.name}", hint="(pip install -r requirements.txt, or run chat.py "
-                             "with the python of the venv you installed into)")
+            exc = UsageError(
+                f"the {package} package is missing: this Python ({sys.executable}) cannot "
+                f"import {exc.name}",
+                hint="(pip install -r requirements.txt, or run chat.py "
+                "with the python of the venv you installed into)",
+            )
+        if env.raise_bugs and not isinstance(exc, ChatError):
+            raise
         if env.get("CHAT_PY_TRACEBACK"):
             import traceback
-            env.stderr.write(redact("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                                    env.secrets))
+
+            env.stderr.write(
+                redact(
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                    env.secrets,
+                )
+            )
         elif isinstance(exc, ChatError):
             env.error(exc)
         else:
-            env.error(ChatError(f"unexpected {type(exc).__name__}: {exc}",
-                                hint="(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)"))
+            env.error(
+                ChatError(
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    hint="(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)",
+                )
+            )
         return exc.exit_status if isinstance(exc, ChatError) else ExitStatus.BUG
 
 
@@ -1813,12 +2366,14 @@ HELP = """\
 \"\"\"            on a line of its own: start a multi-line message; end it with another
 //text         send "/text" as a message"""
 
+
 def parse_command(line: str) -> tuple[str, str]:
     """The /command in a line and its argument, or ("", "") for a message (// starts one)."""
     word, *rest = line.split(maxsplit=1) or [""]
     if not word.startswith("/") or word.startswith("//") or (rest and word not in COMMANDS):
         return "", ""
     return word, rest[0].strip() if rest else ""
+
 
 def run_command(command: str, argument: str, settings: Settings) -> str:
     """What /help, /model, /system and an unknown command answer."""
@@ -1832,6 +2387,7 @@ def run_command(command: str, argument: str, settings: Settings) -> str:
         return f"(system prompt: {settings.system or 'none'})"
     return f"(unknown command {command}, /help lists them; //{command[1:]} sends it as a message)"
 
+
 def banner(chat: Chat) -> str:
     """Lines of at most 80 columns: what answers, and which conversation this is."""
     settings, conversation = chat.settings, chat.conversation
@@ -1839,11 +2395,17 @@ def banner(chat: Chat) -> str:
     if settings.model == DEFAULT_MODEL and not is_openai_host(chat.server.base_url):
         lines.append("(the model name is chat.py's default: --models lists the server's)")
     state = plural(len(conversation.turns), "turn") if conversation.turns else "new"
-    parts = [f"conversation {conversation.name}", state + ("" if conversation.save else ", nothing is saved"),
-             "/help · Ctrl-D leaves"]
+    parts = [
+        f"conversation {conversation.name}",
+        state + ("" if conversation.save else ", nothing is saved"),
+        "/help · Ctrl-D leaves",
+    ]
     together = " · ".join(parts)
     lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
-    return "\n".join(line if len(line) <= BANNER_CHARS else line[:BANNER_CHARS - 1] + "…" for line in lines)
+    return "\n".join(
+        line if len(line) <= BANNER_CHARS else line[: BANNER_CHARS - 1] + "…" for line in lines
+    )
+
 
 def enable_line_editing(history: str) -> bool:
     """Readline with its history, and bracketed paste (a pasted block is one message). Returns
@@ -1862,12 +2424,17 @@ def enable_line_editing(history: str) -> bool:
     readline.parse_and_bind("set enable-bracketed-paste on")
     return getattr(readline, "_READLINE_RUNTIME_VERSION", 0) >= 0x0802
 
+
 def save_history(history: str, env: Env) -> None:
     """The last lines typed, in a private file (not pasted blocks: they would come back as many)."""
     import readline
+
     count = readline.get_current_history_length()
-    lines = [line for line in map(readline.get_history_item, range(1, count + 1))
-             if line and "\n" not in line]
+    lines = [
+        line
+        for line in map(readline.get_history_item, range(1, count + 1))
+        if line and "\n" not in line
+    ]
     try:
         check_folder(os.path.dirname(history))
         make_folder(os.path.dirname(history))
@@ -1876,15 +2443,20 @@ def save_history(history: str, env: Env) -> None:
         with open(fd, "w", encoding="utf-8") as file:
             file.write("".join(line + "\n" for line in lines[-HISTORY_LINES:]))
     except (OSError, UsageError) as exc:
-        env.warn(f"could not save the line history to {history}: {getattr(exc, 'strerror', None) or exc}")
+        env.warn(
+            f"could not save the line history to {history}: {getattr(exc, 'strerror', None) or exc}"
+        )
+
 
 def read_message(env: Env) -> str:
     """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal."""
+
     def read_line(prompt: str) -> str:
         if not env.stdout_tty:
             env.stderr.write(prompt)
             env.stderr.flush()
         return env.read_line(prompt if env.stdout_tty else "")
+
     line = read_line("> ")
     if line.strip() != '"""':
         return line.strip("\n") if "\n" in line else line.strip()  # a paste keeps its indentation
@@ -1893,7 +2465,10 @@ def read_message(env: Env) -> str:
         lines.append(line)
     return "\n".join(lines).strip("\n")
 
-def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], detail: str | None) -> int:
+
+def converse(
+    chat: Chat, files: list[str], sources: list[str], urls: list[str], detail: str | None
+) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
     env, history = chat.env, os.path.join(chat.conversation.folder, HISTORY_FILE)
     editing = env.read_line is input and env.stdout_tty
@@ -1918,7 +2493,9 @@ def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], 
                 return ExitStatus.OK
             if command == "/reset":
                 folder = chat.conversation.folder
-                chat.conversation = Conversation(folder, new_name(folder), save=chat.conversation.save)
+                chat.conversation = Conversation(
+                    folder, new_name(folder), save=chat.conversation.save
+                )
                 last, attached = None, False
                 env.say(f"(new conversation {chat.conversation.name}; the last one stays saved)")
                 continue
@@ -1932,11 +2509,17 @@ def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], 
                 continue
             if not command:
                 text = line[1:] if line.startswith("//") else line
-                now = ([], [], []) if attached else (files, urls, sources)  # files, URLs, image sources
+                now = (
+                    ([], [], []) if attached else (files, urls, sources)
+                )  # files, URLs, image sources
                 last = build_user_message(build_question([], text, now[0]), now[1], detail), now[2]
             turns = chat.conversation.turns
             try:
-                ask(chat, *last, retry=command == "/retry" and bool(turns) and turns[-1]["user"] is last[0])
+                ask(
+                    chat,
+                    *last,
+                    retry=command == "/retry" and bool(turns) and turns[-1]["user"] is last[0],
+                )
                 attached = True
             except KeyboardInterrupt:
                 env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
@@ -1945,6 +2528,7 @@ def converse(chat: Chat, files: list[str], sources: list[str], urls: list[str], 
     finally:
         if editing and chat.conversation.save:
             save_history(history, env)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -46,7 +46,11 @@ COURSE_CAP = 30
 SUITE_BUDGET = 90  # seconds, for the test suite without the realmodel tests
 WRITE_SIZE = 64 * 1024  # bytes per write of a large stream
 # Conversations are saved in a temporary folder, never the real home (see main()).
-ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OPENAI_API_KEY": KEY, "PYTHONIOENCODING": "utf-8"}
+ENV = {
+    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+    "OPENAI_API_KEY": KEY,
+    "PYTHONIOENCODING": "utf-8",
+}
 
 # The course's client, as a floor: one POST with requests, the content printed.
 COURSE_ONE_QUESTION = """
@@ -127,8 +131,11 @@ PIECE = ('say "hi" back\\slash new\nline, ' * 4)[:100]  # 100 ASCII characters
 
 
 def event(delta: dict, finish_reason: str | None = None) -> bytes:
-    payload = {"id": "b", "object": "chat.completion.chunk",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    payload = {
+        "id": "b",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
@@ -165,20 +172,40 @@ class Emitter:
             while b"\r\n\r\n" not in data:
                 data += conn.recv(65536)
             head, _, body = data.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                )
+            )
             while len(body) < length:
                 body += conn.recv(65536)
             if not json.loads(body).get("stream"):
-                reply = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": "Hello!"}}]})
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                             + str(len(reply)).encode() + b"\r\nConnection: close\r\n\r\n" + reply.encode())
+                reply = json.dumps(
+                    {
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "Hello!"},
+                            }
+                        ]
+                    }
+                )
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                    + str(len(reply)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + reply.encode()
+                )
                 return
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                         b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            )
             for start in range(0, len(self.events), WRITE_SIZE):
-                conn.sendall(chunk(self.events[start:start + WRITE_SIZE]))
+                conn.sendall(chunk(self.events[start : start + WRITE_SIZE]))
             for text in self.deltas:
                 if self.gap:
                     time.sleep(self.gap)
@@ -198,11 +225,17 @@ def large_stream(kind: str, size: int) -> tuple[bytes, bytes]:
     count = size // len(PIECE)
     if kind == "texts":
         return delta_event(PIECE) * count, PIECE.encode() * count + b"\n"
-    start = {"index": 0, "id": "call_1", "type": "function",
-             "function": {"name": "write_file", "arguments": ""}}
-    events = (event({"tool_calls": [start]})
-              + event({"tool_calls": [{"index": 0, "function": {"arguments": PIECE}}]}) * count
-              + event({}, "tool_calls"))
+    start = {
+        "index": 0,
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "write_file", "arguments": ""},
+    }
+    events = (
+        event({"tool_calls": [start]})
+        + event({"tool_calls": [{"index": 0, "function": {"arguments": PIECE}}]}) * count
+        + event({}, "tool_calls")
+    )
     line = json.dumps({"name": "write_file", "arguments": PIECE * count}, ensure_ascii=False) + "\n"
     return events, line.encode()
 
@@ -220,8 +253,12 @@ def serve(kind: str, size: str) -> None:
 def served(kind: str, size: int):
     """The URL of a large stream served by a child process (this one stays small, see
     make_images), and the (length, SHA-256) of what chat.py prints for it."""
-    process = subprocess.Popen([PYTHON, __file__, "--serve", kind, str(size)], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [PYTHON, __file__, "--serve", kind, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         url, length, digest = process.stdout.readline().split()
         yield url, (int(length), digest)
@@ -233,14 +270,16 @@ def served(kind: str, size: int):
 # ------------------------------------------------------------------ measuring
 
 
-def run_measured(args: list[str], env: dict | None = None, digest: bool = False,
-                 timeout: float | None = None) -> tuple[float | None, float, int, bytes | tuple[int, str]]:
+def run_measured(
+    args: list[str], env: dict | None = None, digest: bool = False, timeout: float | None = None
+) -> tuple[float | None, float, int, bytes | tuple[int, str]]:
     """Run a command; return wall seconds, CPU seconds, peak RSS in MiB, and its stdout, or with
     digest its length and SHA-256 (a large output is not kept). A command still running after
     timeout seconds is killed, and its wall time is None."""
     started = time.perf_counter()
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                               env={**ENV, **(env or {})})
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env={**ENV, **(env or {})}
+    )
     timer = threading.Timer(timeout, process.kill) if timeout else None
     if timer:
         timer.start()
@@ -289,9 +328,13 @@ def stream_arrivals(args: list[str], emitter: Emitter) -> tuple[list[float], flo
 def instructions(args: list[str]) -> int:
     """Instructions the command executes, counted by valgrind's callgrind: unlike CPU time,
     the same on every run, whatever else the machine is doing."""
-    done = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *args],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          stdin=subprocess.DEVNULL, env=ENV)
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=ENV,
+    )
     return int(re.search(rb"Collected : (\d+)", done.stderr).group(1))
 
 
@@ -326,11 +369,20 @@ def save_conversations(folder: Path, count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     now = time.time()
     for n in range(count):
-        turns = [{"time": "2026-11-26T10:00:00Z", "model": "gpt-5.4-mini",
-                  "user": {"role": "user", "content": f"Question {n}.{t}: " + "what about this? " * 20},
-                  "assistant": "An answer of a few sentences. " * 20, "finish_reason": "stop",
-                  "usage": {"prompt_tokens": 50, "completion_tokens": 120, "total_tokens": 170}}
-                 for t in range(3)]
+        turns = [
+            {
+                "time": "2026-11-26T10:00:00Z",
+                "model": "gpt-5.4-mini",
+                "user": {
+                    "role": "user",
+                    "content": f"Question {n}.{t}: " + "what about this? " * 20,
+                },
+                "assistant": "An answer of a few sentences. " * 20,
+                "finish_reason": "stop",
+                "usage": {"prompt_tokens": 50, "completion_tokens": 120, "total_tokens": 170},
+            }
+            for t in range(3)
+        ]
         path = folder / f"2026{n:010d}.jsonl"
         path.write_text("".join(json.dumps(turn) + "\n" for turn in turns))
         os.utime(path, (now - n * 300, now - n * 300))
@@ -349,9 +401,23 @@ def run_suite() -> tuple[float, str]:
     with HOME and CHAT_PY_HOME in a temporary folder; and its counts ("753 passed")."""
     with tempfile.TemporaryDirectory() as home:
         started = time.perf_counter()
-        done = subprocess.run([PYTHON, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-m",
-                               "not realmodel"], cwd=ROOT, capture_output=True, text=True,
-                              env={**ENV, "HOME": home, "CHAT_PY_HOME": str(Path(home) / "chats")})
+        done = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "pytest",
+                "tests",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "not realmodel",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**ENV, "HOME": home, "CHAT_PY_HOME": str(Path(home) / "chats")},
+        )
         wall = time.perf_counter() - started
     summary = done.stdout.splitlines()[-1] if done.stdout else ""
     counts = re.findall(r"(\d+ (?:passed|failed|errors?))\b", summary)
@@ -363,11 +429,19 @@ def run_suite() -> tuple[float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=9, help="runs per measure (default: %(default)s)")
-    parser.add_argument("--instructions", action="store_true",
-                        help="also count instructions for start-up and the 20,000-delta stream (valgrind)")
-    parser.add_argument("--suite", action="store_true",
-                        help="also time the test suite, realmodel tests left out (+30 s)")
+    parser.add_argument(
+        "--runs", type=int, default=9, help="runs per measure (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions for start-up and the 20,000-delta stream (valgrind)",
+    )
+    parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="also time the test suite, realmodel tests left out (+30 s)",
+    )
     parser.add_argument("--serve", nargs=2, metavar=("KIND", "SIZE"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.serve:
@@ -389,24 +463,47 @@ def main() -> int:
             compared = f"{below}{ours / floor:.2f}x"
         elif compared == "difference":
             compared = f"{ours - floor:+.{digits}f} {unit}"
-        rows.append((name, f"{ours:,.{digits}f} {unit}", f"{above}{floor:,.{digits}f} {unit}", compared,
-                     target))
-        print(f"  {name}: chat.py {ours:.2f} {unit}, floor {above}{floor:.2f} {unit}", file=sys.stderr)
+        rows.append(
+            (
+                name,
+                f"{ours:,.{digits}f} {unit}",
+                f"{above}{floor:,.{digits}f} {unit}",
+                compared,
+                target,
+            )
+        )
+        print(
+            f"  {name}: chat.py {ours:.2f} {unit}, floor {above}{floor:.2f} {unit}", file=sys.stderr
+        )
 
     print(f"benchmark: {runs} runs per measure, Python {sys.version.split()[0]}", file=sys.stderr)
 
     # 1. startup
-    ours, floor = median_of(runs * 2, lambda: (run_measured([PYTHON, CHAT, "--help"])[0],
-                                               run_measured([PYTHON, "-c", "import requests"])[0]))
+    ours, floor = median_of(
+        runs * 2,
+        lambda: (
+            run_measured([PYTHON, CHAT, "--help"])[0],
+            run_measured([PYTHON, "-c", "import requests"])[0],
+        ),
+    )
     row("startup: `--help` vs `import requests`", ours * 1000, floor * 1000, "ms", "<= 0.50x")
     if options.instructions:
-        row("startup: instructions", instructions([PYTHON, CHAT, "--help"]) / 1e6,
-            instructions([PYTHON, "-c", "import requests"]) / 1e6, "M", "")
+        row(
+            "startup: instructions",
+            instructions([PYTHON, CHAT, "--help"]) / 1e6,
+            instructions([PYTHON, "-c", "import requests"]) / 1e6,
+            "M",
+            "",
+        )
 
     # 2. one question against an instant server
-    ours, floor = median_of(runs * 2, lambda: (
-        run_measured([PYTHON, CHAT, "--base-url", emitter.url, "q"])[0],
-        run_measured([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY])[0]))
+    ours, floor = median_of(
+        runs * 2,
+        lambda: (
+            run_measured([PYTHON, CHAT, "--base-url", emitter.url, "q"])[0],
+            run_measured([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY])[0],
+        ),
+    )
     row("one question, wall time", ours * 1000, floor * 1000, "ms", "<= 1.05x")
 
     # 2b. what saving the turn costs: the same question, saved and with --no-save, the median of
@@ -420,23 +517,56 @@ def main() -> int:
         pairs.append((times[id(saved)], times[id(unsaved)]))
     ours, floor = (statistics.median(side) for side in zip(*pairs))
     difference = statistics.median(a - b for a, b in pairs)
-    row("one question: saved vs `--no-save`", ours * 1000, floor * 1000, "ms", "<= +5 ms",
-        compared=f"{difference * 1000:+.1f} ms")
-    ours, floor = map(float, subprocess.run([PYTHON, "-c", SAVE_ONE_TURN, str(ROOT)], capture_output=True,
-                                            text=True, check=True).stdout.split())
-    row("saving one turn, in-process vs open+write+fsync", ours, floor, "ms", "", compared="difference")
+    row(
+        "one question: saved vs `--no-save`",
+        ours * 1000,
+        floor * 1000,
+        "ms",
+        "<= +5 ms",
+        compared=f"{difference * 1000:+.1f} ms",
+    )
+    ours, floor = map(
+        float,
+        subprocess.run(
+            [PYTHON, "-c", SAVE_ONE_TURN, str(ROOT)], capture_output=True, text=True, check=True
+        ).stdout.split(),
+    )
+    row(
+        "saving one turn, in-process vs open+write+fsync",
+        ours,
+        floor,
+        "ms",
+        "",
+        compared="difference",
+    )
     if options.instructions:
-        row("one question: instructions, saved vs `--no-save`", instructions(saved) / 1e6,
-            instructions(unsaved) / 1e6, "M", "", compared="difference")
-        row("one question: instructions", instructions(saved) / 1e6,
-            instructions([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY]) / 1e6, "M", "")
+        row(
+            "one question: instructions, saved vs `--no-save`",
+            instructions(saved) / 1e6,
+            instructions(unsaved) / 1e6,
+            "M",
+            "",
+            compared="difference",
+        )
+        row(
+            "one question: instructions",
+            instructions(saved) / 1e6,
+            instructions([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY]) / 1e6,
+            "M",
+            "",
+        )
 
     # 2c. listing 1,000 saved conversations, against chat.py's own start-up
     chats = Path(state.name) / "thousand"
     save_conversations(chats, 1000)
     listing_env = {"CHAT_PY_HOME": str(chats)}
-    ours, floor = median_of(runs, lambda: (run_measured([PYTHON, CHAT, "--chats"], listing_env)[0],
-                                           run_measured([PYTHON, CHAT, "--help"])[0]))
+    ours, floor = median_of(
+        runs,
+        lambda: (
+            run_measured([PYTHON, CHAT, "--chats"], listing_env)[0],
+            run_measured([PYTHON, CHAT, "--help"])[0],
+        ),
+    )
     row("`--chats`, 1,000 conversations vs `--help`", ours * 1000, floor * 1000, "ms", "< 300 ms")
 
     # 3. stream latency: 50 deltas 20 ms apart
@@ -448,7 +578,9 @@ def main() -> int:
         lags.sort()
         return lags[24] * 1000, lags[47] * 1000, first * 1000
 
-    ours = median_of(runs, lambda: latency([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]))
+    ours = median_of(
+        runs, lambda: latency([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"])
+    )
     floor = median_of(runs, lambda: latency([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]))
     row("stream: p50 send-to-stdout lag", ours[0], floor[0], "ms", "p50 < 1 ms")
     row("stream: p95 send-to-stdout lag", ours[1], floor[1], "ms", "")
@@ -469,18 +601,31 @@ def main() -> int:
     if options.instructions:
         stream_ours = instructions([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"])
         stream_floor = instructions([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY])
-        row("stream: 20,000 deltas, instructions", stream_ours / 1e6, stream_floor / 1e6, "M", "<= 1.00x")
+        row(
+            "stream: 20,000 deltas, instructions",
+            stream_ours / 1e6,
+            stream_floor / 1e6,
+            "M",
+            "<= 1.00x",
+        )
         # The same run minus a one-delta stream: what the deltas cost, start-up left out.
         emitter.deltas = ["x"]
         start_ours = instructions([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"])
         start_floor = instructions([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY])
-        row("stream: 20,000 deltas, instructions beyond start-up", (stream_ours - start_ours) / 1e6,
-            (stream_floor - start_floor) / 1e6, "M", "<= 1.00x")
+        row(
+            "stream: 20,000 deltas, instructions beyond start-up",
+            (stream_ours - start_ours) / 1e6,
+            (stream_floor - start_floor) / 1e6,
+            "M",
+            "<= 1.00x",
+        )
 
     # 5. one long SSE event line: time linear in its length, memory a small multiple of it
     def checked(args, expected, timeout=None):
         wall, _, rss, out = run_measured(args, digest=True, timeout=timeout)
-        assert wall is None or out == expected, f"output of {out[0]:,} bytes differs from what was sent"
+        assert wall is None or out == expected, (
+            f"output of {out[0]:,} bytes differs from what was sent"
+        )
         return wall, rss
 
     def chat_stream(url):
@@ -496,20 +641,36 @@ def main() -> int:
             # once: the course's loop is too slow for more (see COURSE_CAP)
             floor, _ = checked([PYTHON, "-c", COURSE_STREAM, url, KEY], sent, COURSE_CAP)
         name = f"SSE: one {size // 1_000_000} MB event line"
-        row(f"{name}, wall time", ours[0], floor or COURSE_CAP, "s", "seconds, not minutes",
-            stopped=floor is None)
+        row(
+            f"{name}, wall time",
+            ours[0],
+            floor or COURSE_CAP,
+            "s",
+            "seconds, not minutes",
+            stopped=floor is None,
+        )
         row(f"{name}, peak RSS", ours[1], requests_rss + size / 2**20, "MiB", "small multiple")
         line_walls.append(ours[0] - start_up)
-    row("SSE: 50 MB vs 25 MB line, wall time beyond a 1-delta stream", line_walls[1], line_walls[0], "s",
-        "~2.00x (linear)")
+    row(
+        "SSE: 50 MB vs 25 MB line, wall time beyond a 1-delta stream",
+        line_walls[1],
+        line_walls[0],
+        "s",
+        "~2.00x (linear)",
+    )
 
     # 6. tool-call arguments, against as many text deltas of the same pieces
     def streamed(kind):
         with served(kind, 16_000_000) as (url, sent):
             return median_of(runs, lambda: checked(chat_stream(url), sent))[0]
 
-    row("tool-call arguments: 16 MB in 100-byte pieces vs text deltas", streamed("tools"), streamed("texts"),
-        "s", "~1.00x")
+    row(
+        "tool-call arguments: 16 MB in 100-byte pieces vs text deltas",
+        streamed("tools"),
+        streamed("texts"),
+        "s",
+        "~1.00x",
+    )
 
     # 7. image preparation (--curl prepares the body and sends nothing)
     with tempfile.TemporaryDirectory() as folder:
@@ -519,7 +680,9 @@ def main() -> int:
             course_args = [PYTHON, "-c", COURSE_IMAGE, path]
             ours = median_of(max(3, runs // 2), lambda a=chat_args: prepare_image(a))
             floor = median_of(max(3, runs // 2), lambda a=course_args: prepare_image(a))
-            row(f"image {label}: wall time", ours[0] * 1000, floor[0] * 1000, "ms", "< 1.00x (JPEG)")
+            row(
+                f"image {label}: wall time", ours[0] * 1000, floor[0] * 1000, "ms", "< 1.00x (JPEG)"
+            )
             row(f"image {label}: peak RSS", ours[1], floor[1], "MiB", "< 1.00x (JPEG)")
             row(f"image {label}: request size", ours[2] / 1024, floor[2] / 1024, "KiB", "")
 

@@ -4,8 +4,8 @@
   response: bytes written as they are, or a function given the socket and the request, for
   byte-level control (chunk boundaries, delays, dropped connections). It records what came.
 - `json_response`, `sse_response`, `completion`, `chunk` and `stream_events` build replies.
-- `chat(...)` runs chat.main() in this process with its own surroundings (streams, terminal
-  flags, environment, folder); `chat.process(...)` starts a real process, for what needs one.
+- `cli(...)` runs chat.main() in this process with its own surroundings (streams, terminal
+  flags, environment, folder); `cli.process(...)` starts a real process, for what needs one.
 
 Every test runs with HOME and CHAT_PY_HOME in its own temporary folder, in that folder.
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "chat.py"
 sys.path.insert(0, str(ROOT))
 
-import chat as chat_module  # noqa: E402
+import chat  # noqa: E402
 
 FAKE_KEY = "sk-test-not-a-real-key-5f3a9c"
 # Variables of the developer's shell that would change what chat.py or requests do.
@@ -36,7 +36,9 @@ LEAKY = ("PROXY", "CA_BUNDLE", "SSL_CERT", "OPENAI_", "XDG_", "CHAT_PY_", "NO_CO
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "realmodel: runs chat.py against a real local model server (tests/setup_realmodel.sh)")
+        "markers",
+        "realmodel: runs chat.py against a real local model server (tests/setup_realmodel.sh)",
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +79,9 @@ def read_request(conn: socket.socket) -> SimpleNamespace | None:
             break
         body += more
     method, path, _ = request_line.split(" ", 2)
-    return SimpleNamespace(method=method, path=path, headers=headers, raw=body,
-                           body=json.loads(body) if body else None)
+    return SimpleNamespace(
+        method=method, path=path, headers=headers, raw=body, body=json.loads(body) if body else None
+    )
 
 
 class FakeServer:
@@ -142,7 +145,7 @@ def server():
 
 
 @pytest.fixture
-def make_server():
+def another_server():
     """More servers, for tests that need two (a redirect, a proxy)."""
     made = []
 
@@ -158,15 +161,25 @@ def make_server():
 # ------------------------------------------------------------------ replies
 
 
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
-def http_response(status: int, body: bytes, content_type: str, headers: str = "",
-                  reason: str | None = None) -> bytes:
+def http_response(
+    status: int, body: bytes, content_type: str, headers: str = "", reason: str | None = None
+) -> bytes:
     reason = REASONS.get(status, "Status") if reason is None else reason
-    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{headers}"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode("latin-1") + body
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n{headers}"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1") + body
 
 
 def json_response(body, status: int = 200, headers: str = "", reason: str | None = None) -> bytes:
@@ -180,12 +193,17 @@ def sse_response(*events: bytes, chunked: bool = True) -> bytes:
     head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n"
     if not chunked:
         return (head + "\r\n").encode() + b"".join(events)
-    return (head + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"".join(
-        chunk_of(event) for event in events if event) + b"0\r\n\r\n"
+    return (
+        (head + "Transfer-Encoding: chunked\r\n\r\n").encode()
+        + b"".join(chunk_of(event) for event in events if event)
+        + b"0\r\n\r\n"
+    )
 
 
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+    b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+)
 END_CHUNKS = b"0\r\n\r\n"
 
 
@@ -197,9 +215,16 @@ def chunk_of(data: bytes) -> bytes:
 def completion(content="Hello!", finish_reason="stop", **message) -> dict:
     """A chat-completions response body."""
     return {
-        "id": "chatcmpl-test", "object": "chat.completion", "model": "test-model",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, **message},
-                     "finish_reason": finish_reason}],
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": "test-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, **message},
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
     }
 
@@ -208,15 +233,23 @@ def chunk(content=None, finish_reason=None, index=0, ascii_only=True, **delta) -
     """One `data:` event of a streamed completion (ascii_only=False: raw UTF-8 in the JSON)."""
     if content is not None:
         delta["content"] = content
-    payload = {"id": "chatcmpl-test", "object": "chat.completion.chunk", "model": "test-model",
-               "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}]}
+    payload = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "model": "test-model",
+        "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason}],
+    }
     return b"data: " + json.dumps(payload, ensure_ascii=ascii_only).encode() + b"\n\n"
 
 
 def stream_events(*texts: str) -> bytes:
     """A whole stream in the shape OpenAI sends: role delta, content deltas, stop, [DONE]."""
-    return (chunk("", role="assistant") + b"".join(chunk(text) for text in texts)
-            + chunk(finish_reason="stop") + b"data: [DONE]\n\n")
+    return (
+        chunk("", role="assistant")
+        + b"".join(chunk(text) for text in texts)
+        + chunk(finish_reason="stop")
+        + b"data: [DONE]\n\n"
+    )
 
 
 def nap(seconds: float) -> None:
@@ -246,55 +279,102 @@ class Lines:
 
 
 class Runner:
-    """chat(*args) runs chat.main() in this process; chat.process(*args) starts chat.py."""
+    """cli(*args) runs chat.main() in this process; cli.process(*args) starts chat.py."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         self.waits = []  # the retry waits chat.py asked for (in-process runs do not sleep)
 
     def environ(self, key, env) -> dict:
-        environ = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
-                   "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"]}
+        environ = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ["HOME"],
+            "CHAT_PY_HOME": os.environ["CHAT_PY_HOME"],
+        }
         if key is not None:
             environ["OPENAI_API_KEY"] = key
         return {**environ, **(env or {})}
 
-    def __call__(self, *args, stdin: bytes | str | None = b"", env: dict | None = None,
-                 key: str | None = FAKE_KEY, ttys=(False, False, False), lines=None,
-                 cwd: Path | None = None) -> SimpleNamespace:
+    def __call__(
+        self,
+        *args,
+        stdin: bytes | str | None = b"",
+        env: dict | None = None,
+        key: str | None = FAKE_KEY,
+        ttys=(False, False, False),
+        lines=None,
+        cwd: Path | None = None,
+        raise_bugs: bool = True,
+    ) -> SimpleNamespace:
+        """raise_bugs: an exception that is not a ChatError propagates, with its traceback."""
         stdout, stderr = io.StringIO(), io.StringIO()
         stdin = stdin.encode() if isinstance(stdin, str) else stdin
         typed = Lines(lines or [])
-        surroundings = chat_module.Env(
-            None if stdin is None else io.BytesIO(stdin), stdout, stderr,
-            self.environ(key, env), str(cwd or self.folder), ttys, typed, self.waits.append)
-        code = chat_module.main([str(arg) for arg in args], surroundings)
-        return SimpleNamespace(code=code, out=stdout.getvalue(), err=stderr.getvalue(),
-                               prompts=typed.prompts)
+        surroundings = chat.Env(
+            None if stdin is None else io.BytesIO(stdin),
+            stdout,
+            stderr,
+            self.environ(key, env),
+            str(cwd or self.folder),
+            ttys,
+            typed,
+            self.waits.append,
+            raise_bugs,
+        )
+        code = chat.main([str(arg) for arg in args], surroundings)
+        return SimpleNamespace(
+            code=code, out=stdout.getvalue(), err=stderr.getvalue(), prompts=typed.prompts
+        )
 
-    def process(self, *args, stdin: bytes | str = b"", env: dict | None = None,
-                key: str | None = FAKE_KEY, timeout: float = 30, python: str = sys.executable,
-                start: bool = False):
+    def process(
+        self,
+        *args,
+        stdin: bytes | str = b"",
+        env: dict | None = None,
+        key: str | None = FAKE_KEY,
+        timeout: float = 30,
+        python: str = sys.executable,
+        start: bool = False,
+    ):
         """chat.py in a real process: its result, or (start=True) the running Popen."""
         command = [python, str(CHAT), *map(str, args)]
         if start:
-            return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=self.environ(key, env), cwd=self.folder)
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=self.environ(key, env),
+                cwd=self.folder,
+            )
         stdin = stdin.encode() if isinstance(stdin, str) else stdin
-        done = subprocess.run(command, input=stdin, capture_output=True, env=self.environ(key, env),
-                              cwd=self.folder, timeout=timeout)
-        return SimpleNamespace(code=done.returncode, out=done.stdout.decode(errors="replace"),
-                               err=done.stderr.decode(errors="replace"), raw_out=done.stdout)
+        done = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            env=self.environ(key, env),
+            cwd=self.folder,
+            timeout=timeout,
+        )
+        return SimpleNamespace(
+            code=done.returncode,
+            out=done.stdout.decode(errors="replace"),
+            err=done.stderr.decode(errors="replace"),
+            raw_out=done.stdout,
+        )
 
 
 @pytest.fixture
-def chat(tmp_path) -> Runner:
+def cli(tmp_path) -> Runner:
     return Runner(tmp_path)
 
 
 def saved(folder: Path | None = None) -> dict:
     """The saved conversations: {name: [turn, ...]} (each line parsed)."""
     folder = folder or Path(os.environ["CHAT_PY_HOME"])
-    return {path.name.removesuffix(".jsonl"): [json.loads(line) for line in path.read_text().splitlines()
-                                               if line.strip()]
-            for path in sorted(folder.glob("*.jsonl"))}
+    return {
+        path.name.removesuffix(".jsonl"): [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+        ]
+        for path in sorted(folder.glob("*.jsonl"))
+    }

@@ -15,7 +15,11 @@ import chat
         (["  spaced  "], "   \n", "spaced"),
         ([], None, ""),
         ([" ", ""], "\n\t", ""),
-        (["Explain"], "\n\n    indented()\n    code()\n\n", "Explain\n\n    indented()\n    code()"),
+        (
+            ["Explain"],
+            "\n\n    indented()\n    code()\n\n",
+            "Explain\n\n    indented()\n    code()",
+        ),
     ],
 )
 def test_build_question_trims_blank_space_but_keeps_indentation(words, piped, expected):
@@ -23,11 +27,13 @@ def test_build_question_trims_blank_space_but_keeps_indentation(words, piped, ex
 
 
 class TestFileBlock:
-    @pytest.mark.parametrize("text, fence", [("``````six", "```````"), ("`one`", "```"), ("", "```")])
+    @pytest.mark.parametrize(
+        "text, fence", [("``````six", "```````"), ("`one`", "```"), ("", "```")]
+    )
     def test_the_fence_is_longer_than_any_backtick_run(self, text, fence):
         block = chat.file_block("a.md", text)
         assert block.startswith(f"a.md\n{fence}\n") and block.endswith(f"\n{fence}")
-        assert block[len(f"a.md\n{fence}\n"):-len(fence)].rstrip("\n") == text
+        assert block[len(f"a.md\n{fence}\n") : -len(fence)].rstrip("\n") == text
 
     def test_the_closing_fence_has_a_line_of_its_own(self):
         assert chat.file_block("x", "last line") == "x\n```\nlast line\n```"
@@ -40,8 +46,10 @@ class TestFileBlock:
         ("https://api.openai.com/v1", "https://api.openai.com/v1/chat/completions"),
         ("http://127.0.0.1:8080/v1/", "http://127.0.0.1:8080/v1/chat/completions"),
         ("http://localhost:11434/v1//", "http://localhost:11434/v1/chat/completions"),
-        ("https://r.openai.azure.com/openai/v1?api-version=preview",
-         "https://r.openai.azure.com/openai/v1/chat/completions?api-version=preview"),
+        (
+            "https://r.openai.azure.com/openai/v1?api-version=preview",
+            "https://r.openai.azure.com/openai/v1/chat/completions?api-version=preview",
+        ),
         ("https://h/openai/v1/?a=1&b=2#frag", "https://h/openai/v1/chat/completions?a=1&b=2"),
     ],
 )
@@ -51,9 +59,11 @@ def test_api_url_keeps_the_query_after_the_path(base_url, expected):
 
 @pytest.mark.parametrize(
     "base_url, public",
-    [("https://user:secret@h.example:8443/v1?api-key=sk-xyz", "https://h.example:8443/v1"),
-     ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
-     ("http://[::1]:8080/v1", "http://[::1]:8080/v1")],
+    [
+        ("https://user:secret@h.example:8443/v1?api-key=sk-xyz", "https://h.example:8443/v1"),
+        ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1"),
+        ("http://[::1]:8080/v1", "http://[::1]:8080/v1"),
+    ],
 )
 def test_public_url_has_no_user_password_or_query(base_url, public):
     assert chat.public_url(base_url) == public
@@ -61,8 +71,17 @@ def test_public_url_has_no_user_password_or_query(base_url, public):
 
 @pytest.mark.parametrize(
     "host, loopback",
-    [("127.0.0.1", True), ("127.5.0.1", True), ("::1", True), ("localhost", True),
-     ("api.localhost", True), ("10.0.0.1", False), ("example.com", False), ("", False), (None, False)],
+    [
+        ("127.0.0.1", True),
+        ("127.5.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("api.localhost", True),
+        ("10.0.0.1", False),
+        ("example.com", False),
+        ("", False),
+        (None, False),
+    ],
 )
 def test_is_loopback(host, loopback):
     assert chat.is_loopback(host) is loopback
@@ -75,7 +94,10 @@ def test_is_loopback(host, loopback):
         ("https://notapi.openai.com/v1", "max_tokens"),
         ("https://services.ai.azure.com.example/v1", "max_tokens"),
         ("https://openrouter.ai/api/v1", "max_tokens"),
-        ("https://my-project.services.ai.azure.com/openai/v1?api-version=preview", "max_completion_tokens"),
+        (
+            "https://my-project.services.ai.azure.com/openai/v1?api-version=preview",
+            "max_completion_tokens",
+        ),
     ],
 )
 def test_max_tokens_field_matches_whole_host_names(base_url, field):
@@ -84,8 +106,15 @@ def test_max_tokens_field_matches_whole_host_names(base_url, field):
 
 @pytest.mark.parametrize(
     "text, value",
-    [("0.5", 0.5), ("true", True), ("[1, NaN]", "[1, NaN]"), ('"quoted"', "quoted"), ("", ""),
-     ("{broken", "{broken"), ("-Infinity", "-Infinity")],
+    [
+        ("0.5", 0.5),
+        ("true", True),
+        ("[1, NaN]", "[1, NaN]"),
+        ('"quoted"', "quoted"),
+        ("", ""),
+        ("{broken", "{broken"),
+        ("-Infinity", "-Infinity"),
+    ],
 )
 def test_an_option_value_is_json_when_it_parses_else_text(text, value):
     assert chat.parse_options([["k", text]]) == [("k", value)]
@@ -102,8 +131,10 @@ class TestOneLine:
     def test_data_urls_and_base64_runs_are_elided_before_cutting(self):
         data = "QUJD" * 250_000  # a megabyte of Base64
         text = f'bad request: {{"url": "data:image/png;base64,{data}"}} and raw {data[:3000]} end'
-        assert chat.one_line(text) == ('bad request: {"url": "data:image/png;base64,…(1,000,000 '
-                                       'characters)"} and raw …(3,000 characters of Base64) end')
+        assert chat.one_line(text) == (
+            'bad request: {"url": "data:image/png;base64,…(1,000,000 '
+            'characters)"} and raw …(3,000 characters of Base64) end'
+        )
 
     def test_the_key_is_redacted_before_the_cut(self):
         key = "sk-test-not-a-real-key-0123456789"
@@ -116,14 +147,19 @@ class TestOneLine:
 def test_redact_replaces_every_occurrence_of_each_secret_but_not_short_ones():
     key, password = "sk-test-not-a-real-key-1234", "hunter2-password"
     assert chat.redact(f"a {key} b {key} {password}", (key, password)) == (
-        "a [redacted] b [redacted] [redacted]")
+        "a [redacted] b [redacted] [redacted]"
+    )
     assert chat.redact("none of the nonsense", ("none",)) == "none of the nonsense"
 
 
 @pytest.mark.parametrize(
     "key, shown",
-    [("sk-test-not-a-real-key-WXYZ", "sk-…WXYZ"), ("local-token-abcdefgh", "…efgh"),
-     ("sk-short", "sk-…"), ("x", "…")],
+    [
+        ("sk-test-not-a-real-key-WXYZ", "sk-…WXYZ"),
+        ("local-token-abcdefgh", "…efgh"),
+        ("sk-short", "sk-…"),
+        ("x", "…"),
+    ],
 )
 def test_mask_key_shows_at_most_the_last_four(key, shown):
     assert chat.mask_key(key) == shown
@@ -135,33 +171,61 @@ def test_mask_key_shows_at_most_the_last_four(key, shown):
         (None, "usage: not reported by the server"),
         ({}, "usage: not reported by the server"),
         ({"prompt_tokens": 3}, "usage: not reported by the server"),
-        ({"prompt_tokens": 12, "completion_tokens": 34,
-          "prompt_tokens_details": {"cached_tokens": 0},
-          "completion_tokens_details": {"reasoning_tokens": 20}},
-         "usage: 12 in, 34 out, 0 cached, 20 reasoning"),
-        ({"prompt_tokens": 1, "completion_tokens": 2, "prompt_tokens_details": None,
-          "completion_tokens_details": {"reasoning_tokens": "x"}}, "usage: 1 in, 2 out"),
+        (
+            {
+                "prompt_tokens": 12,
+                "completion_tokens": 34,
+                "prompt_tokens_details": {"cached_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": 20},
+            },
+            "usage: 12 in, 34 out, 0 cached, 20 reasoning",
+        ),
+        (
+            {
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+                "prompt_tokens_details": None,
+                "completion_tokens_details": {"reasoning_tokens": "x"},
+            },
+            "usage: 1 in, 2 out",
+        ),
     ],
 )
 def test_usage_line(usage, line):
     assert chat.usage_line(usage) == line
 
 
-@pytest.mark.parametrize("usage", [["not", "a", "dict"], {"completion_tokens_details": None},
-                                   {"completion_tokens_details": {"reasoning_tokens": "64"}}])
+@pytest.mark.parametrize(
+    "usage",
+    [
+        ["not", "a", "dict"],
+        {"completion_tokens_details": None},
+        {"completion_tokens_details": {"reasoning_tokens": "64"}},
+    ],
+)
 def test_a_limit_spent_on_reasoning_counts_only_reported_tokens(usage):
     reply = chat.Reply()
     reply.finish_reason, reply.usage = "length", usage
-    assert chat.reply_warnings(reply) == ["the token limit went to reasoning before any answer: "
-                                          "raise --max-tokens or lower --reasoning-effort"]
+    assert chat.reply_warnings(reply) == [
+        "the token limit went to reasoning before any answer: "
+        "raise --max-tokens or lower --reasoning-effort"
+    ]
 
 
 @pytest.mark.parametrize(
     "line, command",
-    [("/help", ("/help", "")), ("/model  tiny-model ", ("/model", "tiny-model")),
-     ("/system Be brief. Very.", ("/system", "Be brief. Very.")), ("/frobnicate", ("/frobnicate", "")),
-     ("/usr/bin/env is what?", ("", "")), ("//help", ("", "")), ("hello /help", ("", "")),
-     ("/etc/hosts\nexplain this", ("", "")), ("", ("", "")), ("/exit", ("/exit", ""))],
+    [
+        ("/help", ("/help", "")),
+        ("/model  tiny-model ", ("/model", "tiny-model")),
+        ("/system Be brief. Very.", ("/system", "Be brief. Very.")),
+        ("/frobnicate", ("/frobnicate", "")),
+        ("/usr/bin/env is what?", ("", "")),
+        ("//help", ("", "")),
+        ("hello /help", ("", "")),
+        ("/etc/hosts\nexplain this", ("", "")),
+        ("", ("", "")),
+        ("/exit", ("/exit", "")),
+    ],
 )
 def test_parse_command(line, command):
     assert chat.parse_command(line) == command
@@ -190,8 +254,16 @@ class TestRetryTiming:
 
     @pytest.mark.parametrize(
         "attempt, rand, expected",
-        [(0, 0.0, 0.5), (0, 1.0, 0.375), (1, 0.0, 1.0), (2, 0.0, 2.0), (3, 0.0, 4.0),
-         (4, 0.0, 8.0), (5, 0.0, 8.0), (9, 1.0, 6.0)],
+        [
+            (0, 0.0, 0.5),
+            (0, 1.0, 0.375),
+            (1, 0.0, 1.0),
+            (2, 0.0, 2.0),
+            (3, 0.0, 4.0),
+            (4, 0.0, 8.0),
+            (5, 0.0, 8.0),
+            (9, 1.0, 6.0),
+        ],
     )
     def test_backoff_doubles_caps_and_jitters(self, attempt, rand, expected):
         assert chat.backoff_delay(attempt, rand=lambda: rand) == pytest.approx(expected)

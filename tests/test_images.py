@@ -18,18 +18,22 @@ import zlib
 from types import SimpleNamespace
 
 import pytest
+from conftest import CHAT, FAKE_KEY, completion, json_response
 from PIL import Image, ImageDraw
 
-import chat as chat_module
-from conftest import CHAT, FAKE_KEY, completion, json_response
+import chat
 
 
 def prepared(path, detail=None) -> tuple[str, bytes, str]:
     """(MIME type, bytes, -v note) of what chat.py sends for a local image."""
-    url, note = chat_module.image_url(path.name, detail, chat_module.Env(cwd=str(path.parent)))
+    url, note = chat.image_url(path.name, detail, chat.Env(cwd=str(path.parent)))
     header, data = url.split(",", 1)
     assert header.startswith("data:image/") and header.endswith(";base64")
-    return header.removeprefix("data:").removesuffix(";base64"), base64.b64decode(data, validate=True), note
+    return (
+        header.removeprefix("data:").removesuffix(";base64"),
+        base64.b64decode(data, validate=True),
+        note,
+    )
 
 
 def sent_image(path, detail=None) -> tuple[str, Image.Image]:
@@ -54,7 +58,9 @@ def screenshot(size=(1620, 1222)) -> Image.Image:
     image = Image.new("RGBA", size, "white")
     draw = ImageDraw.Draw(image)
     for y in range(0, size[1], 18):
-        draw.text((10, y), "def function(argument): return argument * 2  # a comment " * 3, fill="black")
+        draw.text(
+            (10, y), "def function(argument): return argument * 2  # a comment " * 3, fill="black"
+        )
     draw.rectangle((0, 0, 40, 40), fill=(0, 0, 0, 0))
     return image
 
@@ -73,11 +79,17 @@ def png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares a size in its IHDR chunk but holds almost no pixel data."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
-            + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +116,14 @@ class TestFitSize:
         ],
     )
     def test_table(self, size, detail, expected):
-        assert chat_module.fit_size(size, detail) == expected
+        assert chat.fit_size(size, detail) == expected
 
     @pytest.mark.parametrize("width", [1999, 2500, 3001, 4097, 7777, 12345])
     @pytest.mark.parametrize("height", [1001, 1999, 3456, 8191])
     def test_high_detail_budget_is_never_exceeded(self, width, height):
-        new_width, new_height = chat_module.fit_size((width, height), None)
-        assert new_width * new_height <= chat_module.HIGH_DETAIL_PIXELS
-        assert max(new_width, new_height) <= chat_module.HIGH_DETAIL_LONG_SIDE
+        new_width, new_height = chat.fit_size((width, height), None)
+        assert new_width * new_height <= chat.HIGH_DETAIL_PIXELS
+        assert max(new_width, new_height) <= chat.HIGH_DETAIL_LONG_SIDE
         # same aspect ratio: the short side is within a pixel of the long side's scale
         if width >= height:
             assert abs(new_height - height * new_width / width) < 1
@@ -119,19 +131,28 @@ class TestFitSize:
             assert abs(new_width - width * new_height / height) < 1
         # and nothing the model keeps is lost: one more pixel per side would break a limit
         bigger = (new_width + 1) * (new_height + 1)
-        assert bigger > chat_module.HIGH_DETAIL_PIXELS or max(new_width, new_height) + 1 > 2048
+        assert bigger > chat.HIGH_DETAIL_PIXELS or max(new_width, new_height) + 1 > 2048
 
 
 class TestLocalImages:
-    @pytest.mark.parametrize("detail, size", [(None, (1536, 1024)), ("high", (1536, 1024)),
-                                              ("low", (512, 341)), ("original", (3000, 2000))])
+    @pytest.mark.parametrize(
+        "detail, size",
+        [
+            (None, (1536, 1024)),
+            ("high", (1536, 1024)),
+            ("low", (512, 341)),
+            ("original", (3000, 2000)),
+        ],
+    )
     def test_a_photo_is_shrunk_to_what_the_detail_keeps(self, photo, detail, size):
         mime, data, note = prepared(photo, detail)
         image = Image.open(io.BytesIO(data))
         assert (mime, image.size) == ("image/jpeg", size)
         assert len(data) < os.path.getsize(photo)
-        assert note == (f"image photo.jpg: 3000x2000 JPEG RGB, {os.path.getsize(photo):,} bytes; "
-                        f"sent {size[0]}x{size[1]} JPEG, {len(data):,} bytes (smaller than the file)")
+        assert note == (
+            f"image photo.jpg: 3000x2000 JPEG RGB, {os.path.getsize(photo):,} bytes; "
+            f"sent {size[0]}x{size[1]} JPEG, {len(data):,} bytes (smaller than the file)"
+        )
 
     def test_small_images_are_never_upscaled(self, tmp_path):
         path = save(Image.new("RGB", (40, 30), "red"), tmp_path / "small.bmp")
@@ -140,8 +161,10 @@ class TestLocalImages:
     def test_a_relative_path_is_found_in_the_runs_folder(self, tmp_path):
         (tmp_path / "sub").mkdir()
         save(Image.new("L", (3, 2), 9), tmp_path / "sub" / "dot.png")
-        url, note = chat_module.image_url("dot.png", None, chat_module.Env(cwd=str(tmp_path / "sub")))
-        assert url.startswith("data:image/png;base64,") and note.startswith("image dot.png: 3x2 PNG L, ")
+        url, note = chat.image_url("dot.png", None, chat.Env(cwd=str(tmp_path / "sub")))
+        assert url.startswith("data:image/png;base64,") and note.startswith(
+            "image dot.png: 3x2 PNG L, "
+        )
 
     @pytest.mark.parametrize("detail, size", [(None, (400, 800)), ("low", (256, 512))])
     def test_exif_orientation_is_applied(self, tmp_path, detail, size):
@@ -178,7 +201,9 @@ class TestLocalImages:
         assert alphas.getextrema() == (0, 255)
 
     def test_cmyk_jpeg_is_sent_as_rgb(self, tmp_path):
-        mime, sent = sent_image(save(Image.new("CMYK", (50, 40), (0, 255, 255, 0)), tmp_path / "print.jpg"))
+        mime, sent = sent_image(
+            save(Image.new("CMYK", (50, 40), (0, 255, 255, 0)), tmp_path / "print.jpg")
+        )
         assert (mime, sent.mode) == ("image/jpeg", "RGB")
         red, green, blue = sent.getpixel((25, 20))
         assert red > 200 and green < 60 and blue < 60
@@ -192,8 +217,14 @@ class TestLocalImages:
     @pytest.mark.parametrize("suffix", ["gif", "webp"])
     def test_an_animation_sends_its_first_frame(self, tmp_path, suffix):
         frames = [Image.new("RGB", (60, 40), color) for color in ("red", "lime", "blue")]
-        path = save(frames[0], tmp_path / f"anim.{suffix}", save_all=True, append_images=frames[1:],
-                    duration=100, loop=0)
+        path = save(
+            frames[0],
+            tmp_path / f"anim.{suffix}",
+            save_all=True,
+            append_images=frames[1:],
+            duration=100,
+            loop=0,
+        )
         _, sent = sent_image(path)
         assert sent.size == (60, 40) and getattr(sent, "n_frames", 1) == 1
         red, green, blue = sent.convert("RGB").getpixel((30, 20))
@@ -210,13 +241,17 @@ class TestLocalImages:
 
     @pytest.mark.parametrize(
         "url, note",
-        [("https://example.com/cat.jpg", "image https://example.com/cat.jpg: sent as given"),
-         ("http://127.0.0.1/x.png", "image http://127.0.0.1/x.png: sent as given"),
-         ("data:image/png;base64," + "QUJD" * 100,
-          "image data:image/png;base64,…(400 characters): sent as given")],
+        [
+            ("https://example.com/cat.jpg", "image https://example.com/cat.jpg: sent as given"),
+            ("http://127.0.0.1/x.png", "image http://127.0.0.1/x.png: sent as given"),
+            (
+                "data:image/png;base64," + "QUJD" * 100,
+                "image data:image/png;base64,…(400 characters): sent as given",
+            ),
+        ],
     )
     def test_urls_pass_through_unchanged(self, tmp_path, url, note):
-        assert chat_module.image_url(url, "high", chat_module.Env(cwd=str(tmp_path))) == (url, note)
+        assert chat.image_url(url, "high", chat.Env(cwd=str(tmp_path))) == (url, note)
 
 
 class TestOriginalBytes:
@@ -227,12 +262,17 @@ class TestOriginalBytes:
         shot = save(screenshot(), tmp_path / "shot.png")
         mime, data, note = prepared(shot)
         assert (mime, data) == ("image/png", shot.read_bytes())
-        assert re.fullmatch(rf"image shot\.png: 1620x1222 PNG RGBA, {len(data):,} bytes; sent as it is "
-                            r"\(re-encoded it would take ([\d,]+) bytes\)", note)
+        assert re.fullmatch(
+            rf"image shot\.png: 1620x1222 PNG RGBA, {len(data):,} bytes; sent as it is "
+            r"\(re-encoded it would take ([\d,]+) bytes\)",
+            note,
+        )
         assert int(re.search(r"take ([\d,]+)", note)[1].replace(",", "")) > len(data)
 
     @pytest.mark.parametrize("quality, as_is", [(30, True), (100, False)])
-    def test_a_jpeg_that_needs_no_shrinking_goes_as_it_is_only_if_no_larger(self, tmp_path, quality, as_is):
+    def test_a_jpeg_that_needs_no_shrinking_goes_as_it_is_only_if_no_larger(
+        self, tmp_path, quality, as_is
+    ):
         path = save(noise((200, 150)), tmp_path / "p.jpg", quality=quality)
         _, data, _ = prepared(path)
         assert (data == path.read_bytes()) is as_is
@@ -243,7 +283,7 @@ class TestOriginalBytes:
     def test_plain_modes_of_the_lossless_formats_may_go_as_they_are(self, tmp_path, kind, mode):
         path = save(screenshot((60, 40)).convert(mode), tmp_path / f"x.{kind.lower()}")
         with Image.open(path) as image:
-            assert chat_module.why_not_as_is(image) is None, image.mode
+            assert chat.why_not_as_is(image) is None, image.mode
 
     def test_a_lossless_webp_goes_as_it_is(self, tmp_path):
         path = save(screenshot((300, 200)), tmp_path / "shot.webp", lossless=True)
@@ -253,17 +293,35 @@ class TestOriginalBytes:
     @pytest.mark.parametrize(
         "make, reason",
         [
-            (lambda path: save(Image.new("I;16", (40, 40), 30000), path.with_suffix(".png")),
-             "I;16 pixels are converted"),
-            (lambda path: save(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), path.with_suffix(".jpg")),
-             "CMYK pixels are converted"),
-            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".bmp")),
-             "BMP is not a format the API takes"),
-            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".jpg"),
-                               exif=orientation(6)), "turned upright from its EXIF orientation"),
-            (lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".gif"), save_all=True,
-                               append_images=[Image.new("RGB", (40, 40), "blue")]),
-             "the first frame of an animation"),
+            (
+                lambda path: save(Image.new("I;16", (40, 40), 30000), path.with_suffix(".png")),
+                "I;16 pixels are converted",
+            ),
+            (
+                lambda path: save(
+                    Image.new("CMYK", (40, 40), (0, 255, 255, 0)), path.with_suffix(".jpg")
+                ),
+                "CMYK pixels are converted",
+            ),
+            (
+                lambda path: save(Image.new("RGB", (40, 40), "red"), path.with_suffix(".bmp")),
+                "BMP is not a format the API takes",
+            ),
+            (
+                lambda path: save(
+                    Image.new("RGB", (40, 40), "red"), path.with_suffix(".jpg"), exif=orientation(6)
+                ),
+                "turned upright from its EXIF orientation",
+            ),
+            (
+                lambda path: save(
+                    Image.new("RGB", (40, 40), "red"),
+                    path.with_suffix(".gif"),
+                    save_all=True,
+                    append_images=[Image.new("RGB", (40, 40), "blue")],
+                ),
+                "the first frame of an animation",
+            ),
         ],
     )
     def test_what_is_always_converted(self, tmp_path, make, reason):
@@ -275,18 +333,30 @@ class TestOriginalBytes:
 
 class TestImagesOnTheWire:
     @pytest.mark.parametrize("detail, size", [(None, (600, 300)), ("low", (512, 256))])
-    def test_text_first_then_images_in_order(self, chat, server, tmp_path, detail, size):
+    def test_text_first_then_images_in_order(self, cli, server, tmp_path, detail, size):
         server.reply(json_response(completion("two pics")))
         (tmp_path / "sub").mkdir()
         save(noise((600, 300)), tmp_path / "sub" / "first.png")
         second = "https://example.com/second.jpg"
         options = ("--detail", detail) if detail else ()
-        done = chat("--base-url", server.url, *options, "--image", "first.png", "--image", second, "Compare",
-                    cwd=tmp_path / "sub")
+        done = cli(
+            "--base-url",
+            server.url,
+            *options,
+            "--image",
+            "first.png",
+            "--image",
+            second,
+            "Compare",
+            cwd=tmp_path / "sub",
+        )
         assert (done.code, done.out, done.err) == (0, "two pics\n", "")
         text, first, last = server.bodies[0]["messages"][0]["content"]
         assert text == {"type": "text", "text": "Compare"}
-        assert last == {"type": "image_url", "image_url": drop_nones({"url": second, "detail": detail})}
+        assert last == {
+            "type": "image_url",
+            "image_url": drop_nones({"url": second, "detail": detail}),
+        }
         assert first["type"] == "image_url" and first["image_url"].get("detail") == detail
         header, data = first["image_url"]["url"].split(",", 1)
         assert header == "data:image/jpeg;base64"
@@ -298,18 +368,32 @@ class TestImagesOnTheWire:
             ("missing.jpg", None, "cannot read image missing.jpg: No such file or directory"),
             ("folder.png", "folder", "cannot read image folder.png: Is a directory"),
             ("empty.png", b"", "cannot decode image empty.png: not an image format Pillow knows"),
-            ("notes.jpg", b"this is not a picture\n",
-             "cannot decode image notes.jpg: not an image format Pillow knows"),
-            ("cut.jpg", "truncated",
-             r"cannot decode image cut\.jpg: image file is truncated \(\d+ bytes not processed\)"),
-            ("bomb.png", png_header_only(30000, 30000),
-             "image bomb.png is too large (over 89,478,485 pixels)"),
+            (
+                "notes.jpg",
+                b"this is not a picture\n",
+                "cannot decode image notes.jpg: not an image format Pillow knows",
+            ),
+            (
+                "cut.jpg",
+                "truncated",
+                r"cannot decode image cut\.jpg: image file is truncated \(\d+ bytes not processed\)",
+            ),
+            (
+                "bomb.png",
+                png_header_only(30000, 30000),
+                "image bomb.png is too large (over 89,478,485 pixels)",
+            ),
             # 100 megapixels: Pillow only warns here; chat.py must not decode it either
-            ("big.png", png_header_only(10000, 10000),
-             "image big.png is too large (over 89,478,485 pixels)"),
+            (
+                "big.png",
+                png_header_only(10000, 10000),
+                "image big.png is too large (over 89,478,485 pixels)",
+            ),
         ],
     )
-    def test_a_bad_image_is_exit_2_and_nothing_is_sent(self, chat, server, tmp_path, name, content, message):
+    def test_a_bad_image_is_exit_2_and_nothing_is_sent(
+        self, cli, server, tmp_path, name, content, message
+    ):
         if content == "folder":
             (tmp_path / name).mkdir()
         elif content == "truncated":
@@ -319,7 +403,7 @@ class TestImagesOnTheWire:
             message = re.compile(message)
         elif content is not None:
             (tmp_path / name).write_bytes(content)
-        done = chat("--base-url", server.url, "--image", name, "What is this?")
+        done = cli("--base-url", server.url, "--image", name, "What is this?")
         assert (done.code, done.out) == (2, "")
         if isinstance(message, re.Pattern):
             assert re.fullmatch(f"error: {message.pattern}\n", done.err), done.err
@@ -327,20 +411,34 @@ class TestImagesOnTheWire:
             assert done.err == f"error: {message}\n"
         assert server.requests == []
 
-    def test_an_unreadable_file_is_exit_2(self, chat, server, tmp_path):
+    def test_an_unreadable_file_is_exit_2(self, cli, server, tmp_path):
         path = save(Image.new("RGB", (4, 4)), tmp_path / "secret.png")
         path.chmod(0)
         if os.geteuid() == 0:
             # root reads anything: a real process, without the power to bypass file permissions
             if not shutil.which("setpriv"):
                 pytest.skip("running as root without setpriv (util-linux) to drop privileges")
-            ran = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable,
-                                  str(CHAT), "--base-url", server.url, "--image", "secret.png", "q"],
-                                 capture_output=True, text=True, env=chat.environ(FAKE_KEY, None),
-                                 cwd=tmp_path, timeout=30)
+            ran = subprocess.run(
+                [
+                    "setpriv",
+                    "--bounding-set=-dac_override,-dac_read_search",
+                    sys.executable,
+                    str(CHAT),
+                    "--base-url",
+                    server.url,
+                    "--image",
+                    "secret.png",
+                    "q",
+                ],
+                capture_output=True,
+                text=True,
+                env=cli.environ(FAKE_KEY, None),
+                cwd=tmp_path,
+                timeout=30,
+            )
             done = SimpleNamespace(code=ran.returncode, out=ran.stdout, err=ran.stderr)
         else:
-            done = chat("--base-url", server.url, "--image", "secret.png", "q")
+            done = cli("--base-url", server.url, "--image", "secret.png", "q")
         assert (done.code, done.out) == (2, "")
         assert done.err == "error: cannot read image secret.png: Permission denied\n"
         assert server.requests == []

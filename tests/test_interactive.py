@@ -13,16 +13,27 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import (
+    CHAT,
+    FAKE_KEY,
+    SSE_HEAD,
+    chunk,
+    chunk_of,
+    completion,
+    json_response,
+    nap,
+    saved,
+    sse_response,
+    stream_events,
+)
 from PIL import Image
 
-import chat as chat_module
-from conftest import (CHAT, FAKE_KEY, SSE_HEAD, chunk, chunk_of, completion, json_response, nap,
-                      saved, sse_response, stream_events)
+import chat
 
 pexpect = pytest.importorskip("pexpect")
 
 TERMINAL = (True, True, True)  # stdin, stdout and stderr all terminals: conversation mode
-VERSION = chat_module.__version__
+VERSION = chat.__version__
 NAME = r"\d{8}-\d{6}-[0-9a-f]{3}"  # a generated conversation name
 DIM, NORMAL, ERASE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"
 # Spinner frames (dim or not), each drawn over the one before, and the erase that ends them.
@@ -38,11 +49,12 @@ def busy(status: int = 400) -> bytes:
 
 
 def split_banner(err: str) -> tuple[list[str], str]:
-    """The banner's lines (up to the one ending in how to leave), and what came on stderr after."""
-    lines = err.split("\n")
+    """The banner's lines (up to the one ending in how to leave), and what came on stderr after,
+    without spinner frames (a slow moment of the machine would show one)."""
+    lines = SPINNER.sub("", err).split("\n")
     last = next(n for n, line in enumerate(lines) if line.endswith("/help · Ctrl-D leaves"))
     assert lines[0].startswith(f"chat.py {VERSION} · ")
-    return lines[:last + 1], "\n".join(lines[last + 1:])
+    return lines[: last + 1], "\n".join(lines[last + 1 :])
 
 
 def after_banner(err: str) -> str:
@@ -56,7 +68,11 @@ def contents(body: dict) -> list[tuple[str, object]]:
 def questions(name: str | None = None) -> list[str]:
     """The questions of the saved turns (of one conversation, or of the only one)."""
     conversations = saved()
-    turns = conversations[name] if name else [turn for turns in conversations.values() for turn in turns]
+    turns = (
+        conversations[name]
+        if name
+        else [turn for turns in conversations.values() for turn in turns]
+    )
     return [turn["user"]["content"] for turn in turns]
 
 
@@ -64,16 +80,28 @@ def questions(name: str | None = None) -> list[str]:
 
 
 class TestTurns:
-    def test_each_turn_sends_the_conversation_so_far(self, chat, server):
+    def test_each_turn_sends_the_conversation_so_far(self, cli, server):
         server.reply(streamed("Paris."), streamed("About 2.1 million."))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["Capital of France?", "Population?"])
-        assert (done.code, done.out, after_banner(done.err)) == (0, "Paris.\nAbout 2.1 million.\n", "\n")
+        done = cli(
+            "--base-url", server.url, ttys=TERMINAL, lines=["Capital of France?", "Population?"]
+        )
+        assert (done.code, done.out, after_banner(done.err)) == (
+            0,
+            "Paris.\nAbout 2.1 million.\n",
+            "\n",
+        )
         assert done.prompts == ["> ", "> ", "> "]
-        assert contents(server.bodies[1]) == [("user", "Capital of France?"), ("assistant", "Paris."),
-                                              ("user", "Population?")]
-        assert [body["stream"] for body in server.bodies] == [True, True]  # streamed unless --no-stream
+        assert contents(server.bodies[1]) == [
+            ("user", "Capital of France?"),
+            ("assistant", "Paris."),
+            ("user", "Population?"),
+        ]
+        assert [body["stream"] for body in server.bodies] == [
+            True,
+            True,
+        ]  # streamed unless --no-stream
 
-    def test_each_turn_is_on_disk_the_moment_its_reply_ends(self, chat, server):
+    def test_each_turn_is_on_disk_the_moment_its_reply_ends(self, cli, server):
         on_disk = []
 
         def second(conn, request):
@@ -81,53 +109,76 @@ class TestTurns:
             conn.sendall(streamed("a2"))
 
         server.reply(streamed("a1"), second)
-        assert chat("--base-url", server.url, ttys=TERMINAL, lines=["q1", "q2"]).code == 0
+        assert cli("--base-url", server.url, ttys=TERMINAL, lines=["q1", "q2"]).code == 0
         assert on_disk == [["q1"]]  # saved before the next question was even sent
         assert questions() == ["q1", "q2"] and len(saved()) == 1
 
-    @pytest.mark.parametrize("typed, expected", [
-        (['"""', "def f():", "", "    return 1", '"""'], "def f():\n\n    return 1"),
-        (['"""', "", "text", "", '  """  '], "text"),  # blank edge lines go
-    ])
-    def test_triple_quotes_make_one_message_of_many_lines(self, chat, server, typed, expected):
+    @pytest.mark.parametrize(
+        "typed, expected",
+        [
+            (['"""', "def f():", "", "    return 1", '"""'], "def f():\n\n    return 1"),
+            (['"""', "", "text", "", '  """  '], "text"),  # blank edge lines go
+        ],
+    )
+    def test_triple_quotes_make_one_message_of_many_lines(self, cli, server, typed, expected):
         server.reply(streamed("got it"))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=typed)
         assert (done.code, done.out) == (0, "got it\n")
         assert done.prompts == ["> "] + ["... "] * (len(typed) - 1) + ["> "]
         assert contents(server.bodies[0]) == [("user", expected)]
 
-    @pytest.mark.parametrize("typed", [['"""', "    return x", "  # end", '"""'],
-                                       ["    return x\n  # end"]], ids=["block", "pasted"])
-    def test_the_first_line_keeps_its_indentation(self, chat, server, typed):
+    @pytest.mark.parametrize(
+        "typed",
+        [['"""', "    return x", "  # end", '"""'], ["    return x\n  # end"]],
+        ids=["block", "pasted"],
+    )
+    def test_the_first_line_keeps_its_indentation(self, cli, server, typed):
         # Contract silent; piped stdin keeps it, and indented code pasted from the middle of a
         # file would otherwise change meaning (YAML, Python).
         server.reply(streamed("ok"))
-        assert chat("--base-url", server.url, ttys=TERMINAL, lines=typed).code == 0
+        assert cli("--base-url", server.url, ttys=TERMINAL, lines=typed).code == 0
         assert contents(server.bodies[0]) == [("user", "    return x\n  # end")]
 
-    def test_blank_lines_send_nothing(self, chat, server):
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["", "   ", "\t"])
+    def test_blank_lines_send_nothing(self, cli, server):
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=["", "   ", "\t"])
         assert (done.code, done.out, after_banner(done.err)) == (0, "", "\n")
         assert done.prompts == ["> "] * 4 and server.requests == []
 
-    def test_a_failed_turn_keeps_the_session_and_stays_out_of_the_history(self, chat, server):
+    def test_a_failed_turn_keeps_the_session_and_stays_out_of_the_history(self, cli, server):
         server.reply(streamed("a1"), busy(), streamed("finally"))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["q1", "hard question", "/retry"])
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=["q1", "hard question", "/retry"])
         assert (done.code, done.out) == (0, "a1\nfinally\n")
-        assert after_banner(done.err) == ("error: HTTP 400 Bad Request: the model is busy "
-                                          "(/retry to ask again)\n\n")
-        assert contents(server.bodies[2]) == [("user", "q1"), ("assistant", "a1"), ("user", "hard question")]
+        assert after_banner(done.err) == (
+            "error: HTTP 400 Bad Request: the model is busy (/retry to ask again)\n\n"
+        )
+        assert contents(server.bodies[2]) == [
+            ("user", "q1"),
+            ("assistant", "a1"),
+            ("user", "hard question"),
+        ]
         turns = saved().popitem()[1]
         assert [turn["assistant"] for turn in turns] == ["a1", "finally"]
         assert "retry" not in turns[1]  # the failed attempt was never saved: nothing to replace
 
-    def test_no_stream_and_attachments_go_with_the_first_question_only(self, chat, server, tmp_path):
+    def test_no_stream_and_attachments_go_with_the_first_question_only(self, cli, server, tmp_path):
         Image.new("RGB", (10, 10), "red").save(tmp_path / "pic.png")
         (tmp_path / "notes.txt").write_text("some notes\n")
-        server.reply(json_response(completion("a red square")), json_response(completion("yes")),
-                     json_response(completion("red")))
-        done = chat("--base-url", server.url, "--no-stream", "--image", "pic.png", "-f", "notes.txt",
-                    ttys=TERMINAL, lines=["what is it?", "sure?", "/reset", "what is it?"])
+        server.reply(
+            json_response(completion("a red square")),
+            json_response(completion("yes")),
+            json_response(completion("red")),
+        )
+        done = cli(
+            "--base-url",
+            server.url,
+            "--no-stream",
+            "--image",
+            "pic.png",
+            "-f",
+            "notes.txt",
+            ttys=TERMINAL,
+            lines=["what is it?", "sure?", "/reset", "what is it?"],
+        )
         assert (done.code, done.out) == (0, "a red square\nyes\nred\n")
         first, second, after_reset = server.bodies
         assert after_reset["messages"] == first["messages"]  # a new conversation: attached again
@@ -137,175 +188,277 @@ class TestTurns:
         assert parts[0]["text"] == "what is it?\n\nnotes.txt\n```\nsome notes\n```"
         assert parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
         assert second["messages"][0] == first["messages"][0]  # the image stays in the history
-        assert second["messages"][1:] == [{"role": "assistant", "content": "a red square"},
-                                          {"role": "user", "content": "sure?"}]
+        assert second["messages"][1:] == [
+            {"role": "assistant", "content": "a red square"},
+            {"role": "user", "content": "sure?"},
+        ]
         assert sorted([turn.get("images") for turn in turns] for turns in saved().values()) == [
-            [["pic.png"]], [["pic.png"], None]]
+            [["pic.png"]],
+            [["pic.png"], None],
+        ]
 
-    def test_attachments_wait_for_a_question_that_gets_an_answer(self, chat, server, tmp_path):
+    def test_attachments_wait_for_a_question_that_gets_an_answer(self, cli, server, tmp_path):
         # Contract silent: a failed turn is not kept, so its file must go with the next question.
         (tmp_path / "notes.txt").write_text("some notes\n")
         server.reply(busy(), streamed("read them"), streamed("plain"))
-        done = chat("--base-url", server.url, "-f", "notes.txt", ttys=TERMINAL,
-                    lines=["first try", "second try", "third"])
+        done = cli(
+            "--base-url",
+            server.url,
+            "-f",
+            "notes.txt",
+            ttys=TERMINAL,
+            lines=["first try", "second try", "third"],
+        )
         assert (done.code, done.out) == (0, "read them\nplain\n")
         sent = [body["messages"][-1]["content"] for body in server.bodies]
-        assert sent == ["first try\n\nnotes.txt\n```\nsome notes\n```",
-                        "second try\n\nnotes.txt\n```\nsome notes\n```", "third"]
+        assert sent == [
+            "first try\n\nnotes.txt\n```\nsome notes\n```",
+            "second try\n\nnotes.txt\n```\nsome notes\n```",
+            "third",
+        ]
 
 
 class TestLeaving:
-    @pytest.mark.parametrize("typed, err", [
-        ([], "\n"),  # Ctrl-D: the shell's prompt comes on a line of its own
-        (["exit", "never sent"], ""), (["quit", "never sent"], ""), (["/exit", "never sent"], ""),
-        (["/quit", "never sent"], ""), (["  EXIT ", "never sent"], ""),
-    ])
-    def test_ctrl_d_and_the_leaving_words_end_with_exit_0(self, chat, server, typed, err):
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+    @pytest.mark.parametrize(
+        "typed, err",
+        [
+            ([], "\n"),  # Ctrl-D: the shell's prompt comes on a line of its own
+            (["exit", "never sent"], ""),
+            (["quit", "never sent"], ""),
+            (["/exit", "never sent"], ""),
+            (["/quit", "never sent"], ""),
+            (["  EXIT ", "never sent"], ""),
+        ],
+    )
+    def test_ctrl_d_and_the_leaving_words_end_with_exit_0(self, cli, server, typed, err):
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=typed)
         assert (done.code, done.out, after_banner(done.err)) == (0, "", err)
         assert done.prompts == ["> "] and server.requests == []
 
-    @pytest.mark.parametrize("typed, prompts", [
-        ([KeyboardInterrupt, "the question"], ["> ", "> ", "> "]),
-        (['"""', "a block", "being typed", KeyboardInterrupt, "the question"],
-         ["> ", "... ", "... ", "... ", "> ", "> "]),
-    ], ids=["line", "block"])
-    def test_ctrl_c_at_the_prompt_drops_what_was_typed_and_goes_on(self, chat, server, typed, prompts):
+    @pytest.mark.parametrize(
+        "typed, prompts",
+        [
+            ([KeyboardInterrupt, "the question"], ["> ", "> ", "> "]),
+            (
+                ['"""', "a block", "being typed", KeyboardInterrupt, "the question"],
+                ["> ", "... ", "... ", "... ", "> ", "> "],
+            ),
+        ],
+        ids=["line", "block"],
+    )
+    def test_ctrl_c_at_the_prompt_drops_what_was_typed_and_goes_on(
+        self, cli, server, typed, prompts
+    ):
         server.reply(streamed("answer"))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=typed)
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=typed)
         assert (done.code, done.out, after_banner(done.err)) == (0, "answer\n", "\n\n")
         assert done.prompts == prompts
         assert [contents(body) for body in server.bodies] == [[("user", "the question")]]
 
 
 class TestCommands:
-    def test_help_and_unknown_commands_send_nothing(self, chat, server):
+    def test_help_and_unknown_commands_send_nothing(self, cli, server):
         server.reply(streamed("answer"))
-        done = chat("--base-url", server.url, ttys=TERMINAL,
-                    lines=["/help", "/frobnicate", "a real question"])
+        done = cli(
+            "--base-url",
+            server.url,
+            ttys=TERMINAL,
+            lines=["/help", "/frobnicate", "a real question"],
+        )
         assert (done.code, done.out) == (0, "answer\n")
         *help_lines, unknown, eof, end = after_banner(done.err).split("\n")
-        assert [line.split()[0] for line in help_lines] == ["/help", "/exit,", "/reset", "/retry", "/model",
-                                                             "/system", '"""', "//text"]
+        assert [line.split()[0] for line in help_lines] == [
+            "/help",
+            "/exit,",
+            "/reset",
+            "/retry",
+            "/model",
+            "/system",
+            '"""',
+            "//text",
+        ]
         assert "exit, quit and Ctrl-D" in help_lines[1] and "Ctrl-C drops the line" in help_lines[1]
-        assert unknown == ("(unknown command /frobnicate, /help lists them; "
-                           "//frobnicate sends it as a message)")
-        assert (eof, end) == ("", "") and contents(server.bodies[0]) == [("user", "a real question")]
+        assert unknown == (
+            "(unknown command /frobnicate, /help lists them; //frobnicate sends it as a message)"
+        )
+        assert (eof, end) == ("", "") and contents(server.bodies[0]) == [
+            ("user", "a real question")
+        ]
 
-    def test_a_double_slash_sends_the_rest_with_one_slash(self, chat, server):
+    def test_a_double_slash_sends_the_rest_with_one_slash(self, cli, server):
         server.reply(streamed("it holds hosts"), streamed("a path"))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["//etc/hosts", "/usr/bin is what?"])
-        assert (done.code, done.out, after_banner(done.err)) == (0, "it holds hosts\na path\n", "\n")
+        done = cli(
+            "--base-url", server.url, ttys=TERMINAL, lines=["//etc/hosts", "/usr/bin is what?"]
+        )
+        assert (done.code, done.out, after_banner(done.err)) == (
+            0,
+            "it holds hosts\na path\n",
+            "\n",
+        )
         assert contents(server.bodies[0]) == [("user", "/etc/hosts")]
         assert contents(server.bodies[1])[-1] == ("user", "/usr/bin is what?")  # words: a question
 
-    def test_model_and_system_change_the_following_turns(self, chat, server):
+    def test_model_and_system_change_the_following_turns(self, cli, server):
         server.reply(streamed("one"), streamed("two"))
-        done = chat("--base-url", server.url, "-m", "first-model", ttys=TERMINAL,
-                    lines=["q1", "/model", "/model second-model", "/system Answer in French.", "q2"])
+        done = cli(
+            "--base-url",
+            server.url,
+            "-m",
+            "first-model",
+            ttys=TERMINAL,
+            lines=["q1", "/model", "/model second-model", "/system Answer in French.", "q2"],
+        )
         assert (done.code, done.out) == (0, "one\ntwo\n")
-        assert after_banner(done.err) == ("(model: first-model)\n(model: second-model)\n"
-                                          "(system prompt: Answer in French.)\n\n")
+        assert after_banner(done.err) == (
+            "(model: first-model)\n(model: second-model)\n(system prompt: Answer in French.)\n\n"
+        )
         assert [body["model"] for body in server.bodies] == ["first-model", "second-model"]
-        assert contents(server.bodies[1]) == [("system", "Answer in French."), ("user", "q1"),
-                                              ("assistant", "one"), ("user", "q2")]
+        assert contents(server.bodies[1]) == [
+            ("system", "Answer in French."),
+            ("user", "q1"),
+            ("assistant", "one"),
+            ("user", "q2"),
+        ]
         turns = saved().popitem()[1]
         assert [(turn["model"], turn.get("system")) for turn in turns] == [
-            ("first-model", None), ("second-model", "Answer in French.")]
+            ("first-model", None),
+            ("second-model", "Answer in French."),
+        ]
 
-    def test_retry_resends_the_last_question_and_replaces_its_turn(self, chat, server):
-        server.reply(streamed("first answer"), streamed("second answer"), streamed("second answer again"))
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["one", "two", "/retry"])
+    def test_retry_resends_the_last_question_and_replaces_its_turn(self, cli, server):
+        server.reply(
+            streamed("first answer"), streamed("second answer"), streamed("second answer again")
+        )
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=["one", "two", "/retry"])
         assert (done.code, done.out) == (0, "first answer\nsecond answer\nsecond answer again\n")
         assert server.bodies[2] == server.bodies[1]
         turns = saved().popitem()[1]
-        assert [turn["assistant"] for turn in turns] == ["first answer", "second answer",
-                                                         "second answer again"]
+        assert [turn["assistant"] for turn in turns] == [
+            "first answer",
+            "second answer",
+            "second answer again",
+        ]
         assert turns[2]["retry"] is True and "retry" not in turns[1]
 
-    def test_retry_with_nothing_asked_yet(self, chat, server):
-        done = chat("--base-url", server.url, ttys=TERMINAL, lines=["/retry"])
-        assert (done.code, done.out, after_banner(done.err)) == (0, "", "(nothing to retry yet)\n\n")
+    def test_retry_with_nothing_asked_yet(self, cli, server):
+        done = cli("--base-url", server.url, ttys=TERMINAL, lines=["/retry"])
+        assert (done.code, done.out, after_banner(done.err)) == (
+            0,
+            "",
+            "(nothing to retry yet)\n\n",
+        )
         assert server.requests == []
 
-    def test_reset_starts_a_new_conversation_and_keeps_the_old_file(self, chat, server):
+    def test_reset_starts_a_new_conversation_and_keeps_the_old_file(self, cli, server):
         server.reply(streamed("a1"), streamed("a2"))
-        done = chat("--base-url", server.url, "-s", "Be brief.", ttys=TERMINAL,
-                    lines=["q1", "/reset", "/retry", "q2"])
+        done = cli(
+            "--base-url",
+            server.url,
+            "-s",
+            "Be brief.",
+            ttys=TERMINAL,
+            lines=["q1", "/reset", "/retry", "q2"],
+        )
         assert (done.code, done.out) == (0, "a1\na2\n")
         [_, _, new_line], rest = split_banner(done.err)
         old = re.fullmatch(f"conversation ({NAME}) · new · /help · Ctrl-D leaves", new_line)[1]
-        new = re.fullmatch(rf"\(new conversation ({NAME}); the last one stays saved\)\n"
-                           r"\(nothing to retry yet\)\n\n", rest)[1]
+        new = re.fullmatch(
+            rf"\(new conversation ({NAME}); the last one stays saved\)\n"
+            r"\(nothing to retry yet\)\n\n",
+            rest,
+        )[1]
         assert contents(server.bodies[1]) == [("system", "Be brief."), ("user", "q2")]
         assert (questions(old), questions(new)) == (["q1"], ["q2"])
 
-    def test_continue_resumes_the_newest_conversation(self, chat, server):
+    def test_continue_resumes_the_newest_conversation(self, cli, server):
         server.reply(json_response(completion("saved answer")), streamed("next answer"))
-        assert chat("--base-url", server.url, "-m", "saved-model", "saved question").code == 0
+        assert cli("--base-url", server.url, "-m", "saved-model", "saved question").code == 0
         [name] = saved()
-        done = chat("--base-url", server.url, "-c", ttys=TERMINAL, lines=["follow-up"])
+        done = cli("--base-url", server.url, "-c", ttys=TERMINAL, lines=["follow-up"])
         assert (done.code, done.out) == (0, "next answer\n")
-        assert done.err == (f"chat.py {VERSION} · saved-model at 127.0.0.1:{server.port}\n"
-                            f"conversation {name} · 1 turn · /help · Ctrl-D leaves\n\n")
-        assert contents(server.bodies[1]) == [("user", "saved question"), ("assistant", "saved answer"),
-                                              ("user", "follow-up")]
+        assert done.err == (
+            f"chat.py {VERSION} · saved-model at 127.0.0.1:{server.port}\n"
+            f"conversation {name} · 1 turn · /help · Ctrl-D leaves\n\n"
+        )
+        assert contents(server.bodies[1]) == [
+            ("user", "saved question"),
+            ("assistant", "saved answer"),
+            ("user", "follow-up"),
+        ]
         assert server.bodies[1]["model"] == "saved-model"
         assert list(saved()) == [name] and questions(name) == ["saved question", "follow-up"]
 
 
 class TestBanner:
-    def test_it_names_version_model_host_conversation_and_how_to_leave(self, chat, server):
-        done = chat("--base-url", server.url, "-m", "tiny", ttys=TERMINAL)
+    def test_it_names_version_model_host_conversation_and_how_to_leave(self, cli, server):
+        done = cli("--base-url", server.url, "-m", "tiny", ttys=TERMINAL)
         assert done.code == 0
-        assert re.fullmatch(rf"chat\.py {re.escape(VERSION)} · tiny at 127\.0\.0\.1:{server.port}\n"
-                            rf"conversation {NAME} · new · /help · Ctrl-D leaves\n\n", done.err)
+        assert re.fullmatch(
+            rf"chat\.py {re.escape(VERSION)} · tiny at 127\.0\.0\.1:{server.port}\n"
+            rf"conversation {NAME} · new · /help · Ctrl-D leaves\n\n",
+            done.err,
+        )
 
-    def test_no_hint_when_the_model_is_named_or_the_host_is_openai(self, chat, server):
-        done = chat("--base-url", server.url, ttys=TERMINAL, env={"OPENAI_MODEL": "env-model"})
-        assert split_banner(done.err)[0][0] == f"chat.py {VERSION} · env-model at 127.0.0.1:{server.port}"
+    def test_no_hint_when_the_model_is_named_or_the_host_is_openai(self, cli, server):
+        done = cli("--base-url", server.url, ttys=TERMINAL, env={"OPENAI_MODEL": "env-model"})
+        assert (
+            split_banner(done.err)[0][0]
+            == f"chat.py {VERSION} · env-model at 127.0.0.1:{server.port}"
+        )
         assert len(split_banner(done.err)[0]) == 2
-        done = chat(ttys=TERMINAL)  # the banner comes before anything is sent: no traffic
+        done = cli(ttys=TERMINAL)  # the banner comes before anything is sent: no traffic
         assert split_banner(done.err)[0][0] == f"chat.py {VERSION} · gpt-5.4-mini at api.openai.com"
         assert len(split_banner(done.err)[0]) == 2
 
-    def test_it_says_when_the_model_is_only_chat_pys_default(self, chat, server):
-        done = chat("--base-url", server.url, ttys=TERMINAL)
+    def test_it_says_when_the_model_is_only_chat_pys_default(self, cli, server):
+        done = cli("--base-url", server.url, ttys=TERMINAL)
         assert split_banner(done.err)[0][:2] == [
             f"chat.py {VERSION} · gpt-5.4-mini at 127.0.0.1:{server.port}",
-            "(the model name is chat.py's default: --models lists the server's)"]
+            "(the model name is chat.py's default: --models lists the server's)",
+        ]
 
     @pytest.mark.parametrize("env, args", [({}, ["--no-save"]), ({"CHAT_PY_NO_SAVE": "1"}, [])])
-    def test_without_saving_it_says_nothing_is_saved(self, chat, server, env, args):
+    def test_without_saving_it_says_nothing_is_saved(self, cli, server, env, args):
         server.reply(streamed("answer"))
-        done = chat("--base-url", server.url, "-m", "m", *args, ttys=TERMINAL, env=env, lines=["q"])
+        done = cli("--base-url", server.url, "-m", "m", *args, ttys=TERMINAL, env=env, lines=["q"])
         assert (done.code, done.out) == (0, "answer\n")
         [_, line] = split_banner(done.err)[0]
-        assert re.fullmatch(f"conversation {NAME} · new, nothing is saved · /help · Ctrl-D leaves", line)
+        assert re.fullmatch(
+            f"conversation {NAME} · new, nothing is saved · /help · Ctrl-D leaves", line
+        )
         assert saved() == {} and not Path(os.environ["CHAT_PY_HOME"]).exists()
 
-    def test_continuing_without_saving_still_names_the_conversation(self, chat, server):
-        assert chat("--base-url", server.url, "--chat", "kept", "q").code == 0
-        done = chat("--base-url", server.url, "-m", "m", "--chat", "kept", "--no-save", ttys=TERMINAL)
+    def test_continuing_without_saving_still_names_the_conversation(self, cli, server):
+        assert cli("--base-url", server.url, "--chat", "kept", "q").code == 0
+        done = cli(
+            "--base-url", server.url, "-m", "m", "--chat", "kept", "--no-save", ttys=TERMINAL
+        )
         assert split_banner(done.err)[0][1:] == [
-            "conversation kept · 1 turn, nothing is saved · /help · Ctrl-D leaves"]
+            "conversation kept · 1 turn, nothing is saved · /help · Ctrl-D leaves"
+        ]
 
-    @pytest.mark.parametrize("name, turns, shows", [
-        ("short", 2, ["conversation short · 2 turns · /help · Ctrl-D leaves"]),
-        ("x" * 64, 12, ["conversation " + "x" * 64, "12 turns · /help · Ctrl-D leaves"]),
-        ("y" * 64, 0, ["conversation " + "y" * 64, "new · /help · Ctrl-D leaves"]),
-    ], ids=["short", "long", "long-new"])
-    def test_it_names_the_conversation_whole_with_its_turn_count(self, chat, server, name, turns, shows):
+    @pytest.mark.parametrize(
+        "name, turns, shows",
+        [
+            ("short", 2, ["conversation short · 2 turns · /help · Ctrl-D leaves"]),
+            ("x" * 64, 12, ["conversation " + "x" * 64, "12 turns · /help · Ctrl-D leaves"]),
+            ("y" * 64, 0, ["conversation " + "y" * 64, "new · /help · Ctrl-D leaves"]),
+        ],
+        ids=["short", "long", "long-new"],
+    )
+    def test_it_names_the_conversation_whole_with_its_turn_count(
+        self, cli, server, name, turns, shows
+    ):
         server.reply(*[json_response(completion(f"a{n}")) for n in range(max(turns, 1))])
         for n in range(turns):
-            assert chat("--base-url", server.url, "--chat", name, f"q{n}").code == 0
-        done = chat("--base-url", server.url, "-m", "m", "--chat", name, ttys=TERMINAL)
+            assert cli("--base-url", server.url, "--chat", name, f"q{n}").code == 0
+        done = cli("--base-url", server.url, "-m", "m", "--chat", name, ttys=TERMINAL)
         banner = split_banner(done.err)[0]
         assert banner[1:] == shows
         assert max(map(len, banner)) <= 80
 
-    def test_a_long_model_name_is_cut_to_80_columns(self, chat, server):
-        done = chat("--base-url", server.url, "-m", "m" * 100, ttys=TERMINAL)
+    def test_a_long_model_name_is_cut_to_80_columns(self, cli, server):
+        done = cli("--base-url", server.url, "-m", "m" * 100, ttys=TERMINAL)
         first = split_banner(done.err)[0][0]
         assert len(first) == 80 and first.endswith("…")
 
@@ -317,42 +470,73 @@ def late(seconds: float, reply: bytes):
     def answer(conn, request):
         nap(seconds)
         conn.sendall(reply)
+
     return answer
 
 
-THINKING = sse_response(chunk("", role="assistant"), chunk(reasoning_content="Let me think. "),
-                        chunk(reasoning_content="Done."), chunk("The answer."), chunk(finish_reason="stop"),
-                        b"data: [DONE]\n\n")
+THINKING = sse_response(
+    chunk("", role="assistant"),
+    chunk(reasoning_content="Let me think. "),
+    chunk(reasoning_content="Done."),
+    chunk("The answer."),
+    chunk(finish_reason="stop"),
+    b"data: [DONE]\n\n",
+)
 
 
 class TestOnAStderrTerminal:
-    @pytest.mark.parametrize("env, dim", [({}, True), ({"NO_COLOR": "1"}, False)], ids=["color", "NO_COLOR"])
-    def test_the_spinner_is_drawn_over_itself_and_erased_to_nothing(self, chat, server, env, dim):
+    @pytest.mark.parametrize(
+        "env, dim", [({}, True), ({"NO_COLOR": "1"}, False)], ids=["color", "NO_COLOR"]
+    )
+    def test_the_spinner_is_drawn_over_itself_and_erased_to_nothing(self, cli, server, env, dim):
         server.reply(late(0.35, json_response(completion("at last"))))
-        done = chat("--base-url", server.url, "--no-save", "q", ttys=(False, False, True), env=env)
+        done = cli("--base-url", server.url, "--no-save", "q", ttys=(False, False, True), env=env)
         assert (done.code, done.out) == (0, "at last\n")
         frames = done.err.split(ERASE)
-        assert frames[0] == "" and frames[-1] == ""  # each frame starts a clean line; the last erase ends it
+        assert (
+            frames[0] == "" and frames[-1] == ""
+        )  # each frame starts a clean line; the last erase ends it
         assert len(frames) >= 3, done.err
         for n, drawn in enumerate(frames[1:-1]):  # | / - \\ | ...: each frame the next
             line = re.escape("|/-\\"[n % 4]) + r" waiting \d+ s"
-            assert re.fullmatch(re.escape(DIM) + line + re.escape(NORMAL) if dim else line, drawn), done.err
+            assert re.fullmatch(
+                re.escape(DIM) + line + re.escape(NORMAL) if dim else line, drawn
+            ), done.err
 
-    @pytest.mark.parametrize("args, ttys, env, err", [
-        (["--stream"], (False, False, True), {"NO_COLOR": "1"}, "reasoning:\nLet me think. Done.\n\n"),
-        (["--stream", "--reasoning", "show"], (False, False, False), {},
-         "reasoning:\nLet me think. Done.\n\n"),
-        (["--stream", "--reasoning", "hide"], (False, False, True), {}, ""),
-    ], ids=["NO_COLOR", "not-a-terminal", "hidden"])
-    def test_reasoning_not_dimmed_is_labelled(self, chat, server, args, ttys, env, err):
+    @pytest.mark.parametrize(
+        "args, ttys, env, err",
+        [
+            (
+                ["--stream"],
+                (False, False, True),
+                {"NO_COLOR": "1"},
+                "reasoning:\nLet me think. Done.\n\n",
+            ),
+            (
+                ["--stream", "--reasoning", "show"],
+                (False, False, False),
+                {},
+                "reasoning:\nLet me think. Done.\n\n",
+            ),
+            (["--stream", "--reasoning", "hide"], (False, False, True), {}, ""),
+        ],
+        ids=["NO_COLOR", "not-a-terminal", "hidden"],
+    )
+    def test_reasoning_not_dimmed_is_labelled(self, cli, server, args, ttys, env, err):
         server.reply(THINKING)
-        done = chat("--base-url", server.url, "--no-save", *args, "q", ttys=ttys, env=env)
+        done = cli("--base-url", server.url, "--no-save", *args, "q", ttys=ttys, env=env)
         assert (done.code, done.out, SPINNER.sub("", done.err)) == (0, "The answer.\n", err)
 
-    def test_reasoning_of_a_whole_reply_is_labelled_under_no_color(self, chat, server):
+    def test_reasoning_of_a_whole_reply_is_labelled_under_no_color(self, cli, server):
         server.reply(json_response(completion("Answer.", reasoning_content="Thoughts\n")))
-        done = chat("--base-url", server.url, "--no-save", "q", ttys=(False, False, True),
-                    env={"NO_COLOR": "1"})
+        done = cli(
+            "--base-url",
+            server.url,
+            "--no-save",
+            "q",
+            ttys=(False, False, True),
+            env={"NO_COLOR": "1"},
+        )
         assert (done.code, done.out) == (0, "Answer.\n")
         assert SPINNER.sub("", done.err) == "reasoning:\nThoughts\n\n"
 
@@ -361,16 +545,25 @@ class TestOnAStderrTerminal:
 
 
 @pytest.fixture
-def terminal(chat, server, tmp_path):
+def terminal(cli, server, tmp_path):
     """spawn(*args, shell=..., **env) -> chat.py on an xterm-like pseudo-terminal of 24x80, talking
     to `server`; with shell, through `sh -c shell` (chat.py is "$0", its arguments "$@")."""
     children = []
 
     def spawn(*args, shell: str | None = None, **env):
         argv = [str(CHAT), "--base-url", server.url, *args]
-        command, argv = ("/bin/sh", ["-c", shell, sys.executable, *argv]) if shell else (sys.executable, argv)
-        child = pexpect.spawn(command, argv, env=chat.environ(FAKE_KEY, {"TERM": "xterm", **env}),
-                              cwd=str(tmp_path), encoding="utf-8", timeout=10, dimensions=(24, 80))
+        command, argv = (
+            ("/bin/sh", ["-c", shell, sys.executable, *argv]) if shell else (sys.executable, argv)
+        )
+        child = pexpect.spawn(
+            command,
+            argv,
+            env=cli.environ(FAKE_KEY, {"TERM": "xterm", **env}),
+            cwd=str(tmp_path),
+            encoding="utf-8",
+            timeout=10,
+            dimensions=(24, 80),
+        )
         child.logfile_read = io.StringIO()  # all it showed: child.logfile_read.getvalue()
         children.append(child)
         return child
@@ -419,7 +612,8 @@ class TestReadline:
         child.sendline("quit")
         assert ended(child) == 0
         assert [contents(body) for body in server.bodies] == [
-            [("user", "first line\nsecond line\n\nlast line")]]
+            [("user", "first line\nsecond line\n\nlast line")]
+        ]
 
     def test_ctrl_c_drops_the_typed_line_and_ctrl_d_leaves_on_a_new_line(self, terminal, server):
         server.reply(streamed("the answer"))
@@ -428,11 +622,15 @@ class TestReadline:
         child.expect_exact("discard me")
         child.sendintr()
         child.expect_exact("> ")
-        assert without_paste_mode(child.before).replace("\r", "") == "\n"  # a fresh prompt on a new line
+        assert (
+            without_paste_mode(child.before).replace("\r", "") == "\n"
+        )  # a fresh prompt on a new line
         ask(child, "the question", "the answer")
         child.sendeof()
         assert ended(child) == 0
-        assert without_paste_mode(child.before).replace("\r", "") == "\n"  # the shell's prompt: a new line
+        assert (
+            without_paste_mode(child.before).replace("\r", "") == "\n"
+        )  # the shell's prompt: a new line
         assert [contents(body) for body in server.bodies] == [[("user", "the question")]]
 
     def test_line_history_is_kept_across_sessions(self, terminal, server):
@@ -510,8 +708,11 @@ class TestRealTerminal:
         assert ended(child) == 0
         assert (tmp_path / "out.txt").read_text() == "a1\na2\n"
         shown = SPINNER.sub("", child.logfile_read.getvalue())
-        assert re.fullmatch(rf"chat\.py {re.escape(VERSION)} · .*\r\n.*\r\nconversation {NAME} · new · "
-                            r"/help · Ctrl-D leaves\r\n> q1\r\n> q2\r\n> \r\n", shown), shown
+        assert re.fullmatch(
+            rf"chat\.py {re.escape(VERSION)} · .*\r\n.*\r\nconversation {NAME} · new · "
+            r"/help · Ctrl-D leaves\r\n> q1\r\n> q2\r\n> \r\n",
+            shown,
+        ), shown
 
     def test_spinner_then_dim_reasoning_then_the_answer(self, terminal, server):
         server.reply(late(0.8, THINKING))
@@ -521,4 +722,6 @@ class TestRealTerminal:
         assert f"{DIM}| waiting 0 s{NORMAL}" in shown  # the first frame
         assert re.search(r"\x1b\[2m[|/\\-] waiting 1 s\x1b\[0m", shown)  # a second has passed
         assert SPINNER.sub("", shown) == f"{DIM}Let me think. Done.{NORMAL}\r\n\r\nThe answer.\r\n"
-        assert shown.endswith(f"{NORMAL}{ERASE}{DIM}Let me think. Done.{NORMAL}\r\n\r\nThe answer.\r\n")
+        assert shown.endswith(
+            f"{NORMAL}{ERASE}{DIM}Let me think. Done.{NORMAL}\r\n\r\nThe answer.\r\n"
+        )

@@ -20,9 +20,8 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-from PIL import Image
-
 from conftest import saved
+from PIL import Image
 
 pytestmark = pytest.mark.realmodel
 
@@ -30,25 +29,66 @@ CACHE = Path(os.environ.get("CHAT_PY_CACHE", Path.home() / ".cache" / "chat-py")
 MODEL = CACHE / "gemma-3-270m-q4_k_m.gguf"
 ALIAS = "gemma-3-270m"
 LONG_QUESTION = "Count from 1 to 200, one number per line."
-WEATHER_TOOL = json.dumps([{"type": "function", "function": {
-    "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                          "required": ["city"]}}}])
+WEATHER_TOOL = json.dumps(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+)
 
 
 def llama_cpp_python(port: int, chat_format: str = "gemma") -> list[str]:
     # --chat_format gemma: with the chat template stored in this GGUF, the server answers
     # every chat request with no tokens at all.
-    return [str(CACHE / "realmodel" / "bin" / "python"), "-m", "llama_cpp.server", "--model", str(MODEL),
-            "--model_alias", ALIAS, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-            "--verbose", "False", "--chat_format", chat_format]
+    return [
+        str(CACHE / "realmodel" / "bin" / "python"),
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(MODEL),
+        "--model_alias",
+        ALIAS,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--verbose",
+        "False",
+        "--chat_format",
+        chat_format,
+    ]
 
 
 def llama_server(port: int) -> list[str]:
     # The GGUF carries no chat template llama-server can use, and its ChatML fallback echoes the
     # prompt back; --no-jinja makes "gemma" the name of a built-in template, not a Jinja text.
-    return [str(CACHE / "llama-server" / "llama-server"), "-m", str(MODEL), "--no-jinja",
-            "--chat-template", "gemma", "--host", "127.0.0.1", "--port", str(port), "-c", "2048",
-            "--alias", ALIAS]
+    return [
+        str(CACHE / "llama-server" / "llama-server"),
+        "-m",
+        str(MODEL),
+        "--no-jinja",
+        "--chat-template",
+        "gemma",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        "2048",
+        "--alias",
+        ALIAS,
+    ]
 
 
 SERVERS = {"llama-cpp-python": llama_cpp_python, "llama-server": llama_server}
@@ -63,8 +103,10 @@ def free_port() -> int:
 def start_server(name: str, command: list[str], folder: Path):
     """A real model server, started now and stopped by its PID when the generator ends."""
     if not (Path(command[0]).exists() and MODEL.exists()):
-        reason = (f"no {name} or model in {CACHE}: run `bash tests/setup_realmodel.sh` "
-                  "to install llama-cpp-python[server], llama-server and Gemma 3 270M")
+        reason = (
+            f"no {name} or model in {CACHE}: run `bash tests/setup_realmodel.sh` "
+            "to install llama-cpp-python[server], llama-server and Gemma 3 270M"
+        )
         if os.environ.get("CHAT_PY_REQUIRE_REALMODEL"):
             pytest.fail(reason)
         pytest.skip(reason)
@@ -85,23 +127,29 @@ def start_server(name: str, command: list[str], folder: Path):
 
 @pytest.fixture(scope="module", params=list(SERVERS))
 def server(request, tmp_path_factory):
-    yield from start_server(request.param, SERVERS[request.param](free_port()),
-                            tmp_path_factory.mktemp(request.param))
+    yield from start_server(
+        request.param, SERVERS[request.param](free_port()), tmp_path_factory.mktemp(request.param)
+    )
 
 
 @pytest.fixture(scope="module")
 def function_calling_server(tmp_path_factory):
     """llama-cpp-python with its chatml-function-calling format: it constrains the reply to a
     tool call with a grammar when tool_choice names a function."""
-    yield from start_server("llama-cpp-python", llama_cpp_python(free_port(), "chatml-function-calling"),
-                            tmp_path_factory.mktemp("function-calling"))
+    yield from start_server(
+        "llama-cpp-python",
+        llama_cpp_python(free_port(), "chatml-function-calling"),
+        tmp_path_factory.mktemp("function-calling"),
+    )
 
 
 def wait_until_ready(process, url, log, seconds=180):
     deadline = time.monotonic() + seconds
     while True:
         if process.poll() is not None:
-            pytest.fail(f"the model server exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+            pytest.fail(
+                f"the model server exited with {process.returncode}:\n{log.read_text()[-2000:]}"
+            )
         try:
             if requests.get(url + "/models", timeout=2).ok:
                 return
@@ -113,12 +161,12 @@ def wait_until_ready(process, url, log, seconds=180):
 
 
 @pytest.fixture
-def ask(chat, server):
+def ask_model(cli, server):
     """chat.py (in this process) against the real server, with no key."""
 
     def run(*args, **options):
         options.setdefault("key", None)
-        return chat("--base-url", server.url, *args, **options)
+        return cli("--base-url", server.url, *args, **options)
 
     return run
 
@@ -129,27 +177,36 @@ def usage_counts(stderr: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def test_plain_question(ask):
-    done = ask("--max-tokens", "60", "What is the capital of France?")
+def test_plain_question(ask_model):
+    done = ask_model("--max-tokens", "60", "What is the capital of France?")
     assert done.code == 0, done.err
     assert done.out.strip() and done.out.endswith("\n") and not done.out.endswith("\n\n")
 
 
-def test_stream_and_system_prompt(ask, server):
-    done = ask("--stream", "-s", "You answer in one short sentence.", "--max-tokens", "60",
-               "Name three colours.")
+def test_stream_and_system_prompt(ask_model, server):
+    done = ask_model(
+        "--stream",
+        "-s",
+        "You answer in one short sentence.",
+        "--max-tokens",
+        "60",
+        "Name three colours.",
+    )
     assert done.code == 0, done.err
     assert done.out.strip()
     assert "warning: the stream ended" not in done.err  # [DONE] or a finish_reason arrived
     [[turn]] = saved().values()
     # llama-server names its --alias; llama-cpp-python's stream echoes the model asked for
     answered_by = ALIAS if server.name == "llama-server" else "gpt-5.4-mini"
-    assert (turn["system"], turn["answered_by"]) == ("You answer in one short sentence.", answered_by)
+    assert (turn["system"], turn["answered_by"]) == (
+        "You answer in one short sentence.",
+        answered_by,
+    )
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_max_tokens_bounds_the_reply(ask, stream):
-    done = ask(*stream, "--max-tokens", "5", LONG_QUESTION)
+def test_max_tokens_bounds_the_reply(ask_model, stream):
+    done = ask_model(*stream, "--max-tokens", "5", LONG_QUESTION)
     assert done.code == 0, done.err
     # five tokens are a few words at most; the model stopped because of the limit
     assert 0 < len(done.out.split()) <= 8 and len(done.out) < 80, done.out
@@ -160,10 +217,16 @@ def test_max_completion_tokens_alone(server):
     """Why --max-tokens goes out as max_tokens to servers other than OpenAI's: llama-cpp-python
     ignores the newer name, so a reply asked to stop at 5 tokens runs on (past 40 deltas, then we
     hang up); llama-server honours both names."""
-    body = {"model": ALIAS, "messages": [{"role": "user", "content": LONG_QUESTION}],
-            "max_completion_tokens": 5, "stream": True}
+    body = {
+        "model": ALIAS,
+        "messages": [{"role": "user", "content": LONG_QUESTION}],
+        "max_completion_tokens": 5,
+        "stream": True,
+    }
     deltas = 0
-    with requests.post(server.url + "/chat/completions", json=body, stream=True, timeout=60) as response:
+    with requests.post(
+        server.url + "/chat/completions", json=body, stream=True, timeout=60
+    ) as response:
         for line in response.iter_lines():
             if line.startswith(b"data: {"):
                 choices = json.loads(line[6:])["choices"]
@@ -176,16 +239,16 @@ def test_max_completion_tokens_alone(server):
         assert deltas > 40
 
 
-def test_models_lists_the_alias(ask):
-    done = ask("--models")
+def test_models_lists_the_alias(ask_model):
+    done = ask_model("--models")
     assert (done.code, done.out, done.err) == (0, f"{ALIAS}\n", "")
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_usage(ask, server, stream):
+def test_usage(ask_model, server, stream):
     """-u asks a stream for usage with stream_options.include_usage: llama-server sends it in a last
     chunk with no choices; llama-cpp-python ignores the field, and chat.py says so."""
-    done = ask("-u", *stream, "--max-tokens", "8", "Say hello.")
+    done = ask_model("-u", *stream, "--max-tokens", "8", "Say hello.")
     assert done.code == 0, done.err
     if stream and server.name == "llama-cpp-python":
         assert "usage: not reported by the server\n" in done.err
@@ -195,33 +258,47 @@ def test_usage(ask, server, stream):
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_a_continued_conversation_sends_the_earlier_turn(ask, stream):
-    first = ask(*stream, "--max-tokens", "20", "My name is Ada Lovelace and I like engines.")
+def test_a_continued_conversation_sends_the_earlier_turn(ask_model, stream):
+    first = ask_model(*stream, "--max-tokens", "20", "My name is Ada Lovelace and I like engines.")
     assert first.code == 0, first.err
-    alone = ask("--no-save", "-u", "--max-tokens", "10", "What is my name?")
-    going_on = ask("-c", "-u", "--max-tokens", "10", "What is my name?")
+    alone = ask_model("--no-save", "-u", "--max-tokens", "10", "What is my name?")
+    going_on = ask_model("-c", "-u", "--max-tokens", "10", "What is my name?")
     assert going_on.code == 0, going_on.err
     # The server counted the earlier question and answer in the prompt it was sent.
     assert usage_counts(going_on.err)[0] > usage_counts(alone.err)[0] + 10
     [turns] = saved().values()
     assert [turn["user"]["content"] for turn in turns] == [
-        "My name is Ada Lovelace and I like engines.", "What is my name?"]
+        "My name is Ada Lovelace and I like engines.",
+        "What is my name?",
+    ]
     answer = turns[0]["assistant"]  # saved as shown: stdout is the answer and one newline
     assert first.out == (answer if answer.endswith("\n") else answer + "\n")
 
 
-def test_any_field_with_o(ask):
-    runs = [ask("-o", "seed", "1", "--temperature", "0", "--max-tokens", "12", "--no-save",
-                "Name a fruit.") for _ in range(2)]
+def test_any_field_with_o(ask_model):
+    runs = [
+        ask_model(
+            "-o",
+            "seed",
+            "1",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "12",
+            "--no-save",
+            "Name a fruit.",
+        )
+        for _ in range(2)
+    ]
     assert [run.code for run in runs] == [0, 0], runs[0].err
     assert runs[0].out == runs[1].out  # greedy decoding: the same words twice
 
 
-def test_an_image_for_a_text_only_model(ask, server, tmp_path):
+def test_an_image_for_a_text_only_model(ask_model, server, tmp_path):
     """llama-server refuses a picture its model cannot see (500, image input is not supported);
     llama-cpp-python answers the text and drops the picture."""
     Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
-    done = ask("--image", "red.png", "--max-tokens", "10", "--retries", "0", "What is this?")
+    done = ask_model("--image", "red.png", "--max-tokens", "10", "--retries", "0", "What is this?")
     if server.name == "llama-server":
         assert (done.code, done.out) == (1, "")
         assert done.err.startswith("error: HTTP 500 Internal Server Error: ")
@@ -230,83 +307,110 @@ def test_an_image_for_a_text_only_model(ask, server, tmp_path):
         assert done.code == 0 and done.out.strip(), done.err
 
 
-@pytest.mark.parametrize("spec, fields", [
-    ("name, age int", {"name": str, "age": int}),
-    ('{"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},'
-     ' "required": ["colour"], "additionalProperties": false}', {"colour": str}),
-])
+@pytest.mark.parametrize(
+    "spec, fields",
+    [
+        ("name, age int", {"name": str, "age": int}),
+        (
+            '{"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},'
+            ' "required": ["colour"], "additionalProperties": false}',
+            {"colour": str},
+        ),
+    ],
+)
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_schema_gives_json_with_exactly_the_fields(ask, server, spec, fields, stream):
+def test_schema_gives_json_with_exactly_the_fields(ask_model, server, spec, fields, stream):
     """llama-server takes OpenAI's json_schema form; llama-cpp-python rejects it (HTTP 500) and
     honours the json_object form with the schema, which chat.py sends next (-v says so)."""
-    done = ask("--schema", spec, *stream, "-v", "--max-tokens", "60", "Invent a person.")
+    done = ask_model("--schema", spec, *stream, "-v", "--max-tokens", "60", "Invent a person.")
     assert done.code == 0, done.err[-2000:]
     reply = json.loads(done.out)
     assert {name: type(value) for name, value in reply.items()} == fields
     if "colour" in fields:
         assert reply["colour"] in ("red", "green", "blue")
-    fell_back = "sending it as {\"type\": \"json_object\"" in done.err
+    fell_back = 'sending it as {"type": "json_object"' in done.err
     assert fell_back == (server.name == "llama-cpp-python")
     [[turn]] = saved().values()
     assert json.loads(turn["assistant"]) == reply
 
 
 @pytest.mark.parametrize("stream", [[], ["--stream"]])
-def test_a_real_tool_call(chat, function_calling_server, stream):
-    done = chat("--base-url", function_calling_server.url, *stream, "--max-tokens", "60",
-                "-o", "tools", WEATHER_TOOL,
-                "-o", "tool_choice", '{"type": "function", "function": {"name": "get_weather"}}',
-                "Weather in Paris?", key=None)
+def test_a_real_tool_call(cli, function_calling_server, stream):
+    done = cli(
+        "--base-url",
+        function_calling_server.url,
+        *stream,
+        "--max-tokens",
+        "60",
+        "-o",
+        "tools",
+        WEATHER_TOOL,
+        "-o",
+        "tool_choice",
+        '{"type": "function", "function": {"name": "get_weather"}}',
+        "Weather in Paris?",
+        key=None,
+    )
     assert (done.code, done.err) == (0, ""), done.err
     [line] = done.out.splitlines()
     call = json.loads(line)
     assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
 
 
-def test_tools_with_the_chat_formats_of_these_tests(ask, server):
+def test_tools_with_the_chat_formats_of_these_tests(ask_model, server):
     """Neither server of these tests makes tool calls: llama-server runs with --no-jinja, which takes
     no tools (a 500, in one line); llama-cpp-python's gemma format ignores them and answers in text."""
-    done = ask("-o", "tools", WEATHER_TOOL, "--retries", "0", "--max-tokens", "20", "Weather in Paris?")
+    done = ask_model(
+        "-o", "tools", WEATHER_TOOL, "--retries", "0", "--max-tokens", "20", "Weather in Paris?"
+    )
     if server.name == "llama-server":
         assert (done.code, done.out) == (1, "")
-        assert done.err == "error: HTTP 500 Internal Server Error: tools param requires --jinja flag\n"
+        assert (
+            done.err == "error: HTTP 500 Internal Server Error: tools param requires --jinja flag\n"
+        )
     else:
         assert done.code == 0 and done.out.strip(), done.err
         assert not done.out.startswith('{"name": ')
 
 
-def test_a_full_context_says_how_to_go_on(ask, tmp_path):
+def test_a_full_context_says_how_to_go_on(ask_model, tmp_path):
     """A conversation longer than the 2,048-token context: both servers refuse it with HTTP 400,
     each in its own words, and chat.py adds the way out."""
     (tmp_path / "long.txt").write_text("word " * 3000)
-    done = ask("--chat", "big", "-f", "long.txt", "Summarise.")
+    done = ask_model("--chat", "big", "-f", "long.txt", "Summarise.")
     assert (done.code, done.out) == (1, "")
     assert done.err.startswith("error: HTTP 400 Bad Request: ")
-    assert done.err.endswith("(the question alone fills the model's context: shorten it, or set a "
-                             "smaller --max-tokens)\n")
-    assert ask("--chat", "big", "--max-tokens", "5", "Hi.").code == 0
-    done = ask("--chat", "big", "-f", "long.txt", "Summarise.")
-    assert done.err.endswith("(this conversation's 1 turn and the question fill the model's context: "
-                             "start a new conversation (no -c), or set a smaller --max-tokens)\n")
+    assert done.err.endswith(
+        "(the question alone fills the model's context: shorten it, or set a "
+        "smaller --max-tokens)\n"
+    )
+    assert ask_model("--chat", "big", "--max-tokens", "5", "Hi.").code == 0
+    done = ask_model("--chat", "big", "-f", "long.txt", "Summarise.")
+    assert done.err.endswith(
+        "(this conversation's 1 turn and the question fill the model's context: "
+        "start a new conversation (no -c), or set a smaller --max-tokens)\n"
+    )
 
 
-def test_dotenv_base_url_on_loopback_is_used_and_elsewhere_refused(chat, server, tmp_path):
+def test_dotenv_base_url_on_loopback_is_used_and_elsewhere_refused(cli, server, tmp_path):
     """A .env choosing the server: a loopback URL is fine even with a key from the environment;
     0.0.0.0 (this machine too on Linux, but not a loopback address) gets no key from the
     environment, and nothing is sent."""
     (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={server.url}\n")
-    done = chat("--max-tokens", "5", "Hi.")
+    done = cli("--max-tokens", "5", "Hi.")
     assert done.code == 0 and done.out.strip(), done.err
     elsewhere = server.url.replace("127.0.0.1", "0.0.0.0")
     (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={elsewhere}\n")
-    done = chat("-u", "--max-tokens", "5", "Hi.")
+    done = cli("-u", "--max-tokens", "5", "Hi.")
     assert (done.code, done.out) == (2, "")
-    assert done.err.startswith(f"error: ./.env sends requests to {elsewhere}, but the API key comes from")
-    assert chat("--max-tokens", "5", "Hi.", key=None).code == 0  # no key to take: it goes
+    assert done.err.startswith(
+        f"error: ./.env sends requests to {elsewhere}, but the API key comes from"
+    )
+    assert cli("--max-tokens", "5", "Hi.", key=None).code == 0  # no key to take: it goes
 
 
-def test_ctrl_c_mid_stream(server, chat):
-    process = chat.process("--base-url", server.url, "--stream", LONG_QUESTION, key=None, start=True)
+def test_ctrl_c_mid_stream(server, cli):
+    process = cli.process("--base-url", server.url, "--stream", LONG_QUESTION, key=None, start=True)
     process.stdin.close()
     process.stdin = None  # nothing more to send
     try:

@@ -16,7 +16,8 @@ line_end = st.sampled_from([b"\n", b"\r\n", b"\r"])
 garbage_line = st.one_of(
     st.binary(max_size=40).map(lambda raw: b":" + raw),
     st.sampled_from([b"id", b"retry", b"foo", b"x-custom", b"datum"]).flatmap(
-        lambda name: st.binary(max_size=20).map(lambda raw: name + b": " + raw)),
+        lambda name: st.binary(max_size=20).map(lambda raw: name + b": " + raw)
+    ),
 ).map(lambda line: line.replace(b"\r", b"").replace(b"\n", b""))
 
 
@@ -30,11 +31,17 @@ def sse_streams(draw):
         end = draw(line_end)
         for line in draw(st.lists(garbage_line, max_size=2)):
             raw += line + end
-        delta = {"content": text, draw(st.sampled_from(["reasoning_content", "reasoning"])): thought}
+        delta = {
+            "content": text,
+            draw(st.sampled_from(["reasoning_content", "reasoning"])): thought,
+        }
         # Indented JSON has line breaks only between tokens: sent as several data: lines,
         # which the decoder joins with "\n".
-        payload = json.dumps({"choices": [{"delta": delta}]}, ensure_ascii=draw(st.booleans()),
-                             indent=1 if draw(st.booleans()) else None)
+        payload = json.dumps(
+            {"choices": [{"delta": delta}]},
+            ensure_ascii=draw(st.booleans()),
+            indent=1 if draw(st.booleans()) else None,
+        )
         lines = []
         for piece in payload.split("\n"):
             value = draw(st.sampled_from(["", " "])) + piece
@@ -43,7 +50,9 @@ def sse_streams(draw):
         raw += end
         events.append(("", "\n".join(lines)))
         if draw(st.booleans()):  # another choice's delta (-o n): never part of what is shown
-            other = json.dumps({"choices": [{"index": draw(st.integers(1, 3)), "delta": {"content": text}}]})
+            other = json.dumps(
+                {"choices": [{"index": draw(st.integers(1, 3)), "delta": {"content": text}}]}
+            )
             raw += b"data: " + other.encode() + end + end
             events.append(("", other))
     raw += b"data: [DONE]" + draw(line_end) * 2
@@ -65,7 +74,9 @@ def decode_all(chunks) -> list[tuple[str, str]]:
 def read_all(events) -> tuple[str, str]:
     """The text and the reasoning the events add up to."""
     reply = chat.Reply()
-    pieces = [chat.read_stream_event(event, data, reply) for event, data in events if data != "[DONE]"]
+    pieces = [
+        chat.read_stream_event(event, data, reply) for event, data in events if data != "[DONE]"
+    ]
     return "".join(text for text, _ in pieces), "".join(thought for _, thought in pieces)
 
 
