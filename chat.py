@@ -117,6 +117,9 @@ CONTEXT_OVERFLOW = re.compile(
 MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
 DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
 SPINNER_FRAMES = "|/-\\"
+# Windows (native, not WSL): its own folders and keys; read by the code at call time, so the
+# tests can choose it.
+WINDOWS = os.name == "nt"
 # What to install, by the module that fails to import without it.
 PACKAGES = {
     "requests": "requests",
@@ -246,6 +249,22 @@ class Spinner:
             self.stream.flush()
 
 
+def console_obeys_escapes() -> bool:
+    """Turn on virtual terminal processing for the Windows console on stderr, so that it acts on
+    escape codes (older consoles cannot); returns whether it did."""
+    try:
+        import ctypes
+
+        kernel32, mode = ctypes.windll.kernel32, ctypes.c_ulong()
+        handle = kernel32.GetStdHandle(-12)  # STD_ERROR_HANDLE
+        return bool(  # 0x0004: ENABLE_VIRTUAL_TERMINAL_PROCESSING
+            kernel32.GetConsoleMode(handle, ctypes.byref(mode))
+            and kernel32.SetConsoleMode(handle, mode.value | 0x0004)
+        )
+    except (ImportError, AttributeError, OSError):
+        return False
+
+
 class Env:
     """The process's surroundings: streams, terminal flags, environment, folder, how to read a line
     and wait. main() makes one of the process; tests make their own. What chat.py shows goes through
@@ -270,17 +289,22 @@ class Env:
         self.raise_bugs = raise_bugs  # tests: a bug propagates with its traceback, not as exit 70
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
         self.spinner: Spinner | None = None
+        self.styled = self.stderr_tty  # whether stderr obeys chat.py's styling and spinner
 
     @classmethod
     def of_process(cls) -> Env:
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="replace")  # a reply the terminal cannot encode
         ttys = tuple(
             stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)
         )
-        return cls(
+        for stream, tty in zip((sys.stdout, sys.stderr), ttys[1:], strict=True):
+            if hasattr(stream, "reconfigure"):  # a file or pipe gets UTF-8 whatever the locale's
+                # encoding (Windows: cp1252); a terminal what it can show
+                stream.reconfigure(encoding=None if tty else "utf-8", errors="replace")
+        env = cls(
             getattr(sys.stdin, "buffer", None), sys.stdout, sys.stderr, os.environ, os.curdir, ttys
         )
+        env.styled = env.styled and (not WINDOWS or console_obeys_escapes())
+        return env
 
     def get(self, name: str) -> str:
         """An environment variable; empty and unset are the same."""
@@ -291,7 +315,7 @@ class Env:
 
     @property
     def color(self) -> bool:
-        return self.stderr_tty and not self.environ.get("NO_COLOR")
+        return self.styled and not self.environ.get("NO_COLOR")
 
     def write(self, text: str) -> None:
         """Text for stdout: exactly as given into a pipe or file, made visible on a terminal."""
@@ -315,7 +339,7 @@ class Env:
         self.say(f"error: {one_line(str(exc), self.secrets, LINE_CHARS - 7 - len(hint))}{hint}")
 
     def start_spinner(self) -> None:
-        if self.stderr_tty and not self.spinner:
+        if self.styled and not self.spinner:
             self.spinner = Spinner(self.stderr, self.color)
 
     def stop_spinner(self) -> bool:
@@ -1591,10 +1615,13 @@ def check_json_reply(text: str, schema: dict) -> None:
 
 
 def state_dir(env: Env) -> str:
-    """$CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (if absolute), else ~/.local/state/chat-py."""
+    """$CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py (if absolute), else ~/.local/state/chat-py
+    (on Windows %LOCALAPPDATA%\\chat-py)."""
     state = env.get("XDG_STATE_HOME")
     if not os.path.isabs(state):  # an empty or relative value is ignored, as the XDG spec says
-        state = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".local", "state")
+        home = env.get("HOME") or os.path.expanduser("~")
+        local = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+        state = local if WINDOWS else os.path.join(home, ".local", "state")
     return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
 
 
@@ -1608,6 +1635,8 @@ def check_folder(folder: str) -> None:
         return
     except OSError as exc:
         raise UsageError(f"cannot use the folder {folder}: {exc.strerror}") from None
+    if not hasattr(os, "getuid"):  # Windows: owners and access are ACLs, which stat cannot tell
+        return
     if info.st_uid != os.getuid():
         raise UsageError(
             f"the folder {folder} belongs to another user (uid {info.st_uid}); chat.py "
@@ -1631,9 +1660,30 @@ def make_folder(folder: str) -> None:
         os.umask(umask)
 
 
+def make_private(fd: int) -> None:
+    """0600 whatever the umask; os.fchmod is missing on Windows before Python 3.13 (where a mode
+    says only whether a file is read-only)."""
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o600)
+
+
+def is_link(info: os.stat_result) -> bool:
+    """A symbolic link, or on Windows any reparse point (a junction too)."""
+    reparse = getattr(info, "st_file_attributes", 0) & stat.FILE_ATTRIBUTE_REPARSE_POINT
+    return stat.S_ISLNK(info.st_mode) or bool(reparse)
+
+
+def nonblocking(flags: int) -> int:
+    """flags, plus not waiting on a FIFO where the platform has that flag, and binary (Windows
+    would otherwise translate line ends)."""
+    return flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
 def open_private(path: str, flags: int = os.O_RDONLY) -> int:
     """A file in the state folder, never through a link, and only a regular file."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    if not hasattr(os, "O_NOFOLLOW") and os.path.lexists(path) and is_link(os.lstat(path)):
+        raise OSError(0, "a symbolic link, which chat.py does not follow")  # Windows: lstat
+    fd = os.open(path, nonblocking(flags) | getattr(os, "O_NOFOLLOW", 0), 0o600)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise IsADirectoryError(0, "not a regular file")
@@ -1669,10 +1719,10 @@ def new_name(folder: str) -> str:
 
 def not_a_file(path: str) -> str | None:
     """Why a conversation file cannot be used (a link, a folder, a device), or None."""
-    mode = os.lstat(path).st_mode
-    if stat.S_ISLNK(mode):
+    info = os.lstat(path)
+    if is_link(info):
         return "is a symbolic link, which chat.py does not follow"
-    return None if stat.S_ISREG(mode) else "is not a regular file"
+    return None if stat.S_ISREG(info.st_mode) else "is not a regular file"
 
 
 def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
@@ -1762,10 +1812,11 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
     data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
     fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            data = b"\n" + data  # never glue a turn onto a torn last line
+        make_private(fd)
+        if os.fstat(fd).st_size:  # the last byte by lseek, not pread (Windows lacks it)
+            os.lseek(fd, -1, os.SEEK_END)
+            if os.read(fd, 1) != b"\n":
+                data = b"\n" + data  # never glue a turn onto a torn last line
         while data:  # one write, unless the disk fills up: then the next one says why
             data = data[os.write(fd, data) :]
         os.fsync(fd)
@@ -2015,7 +2066,7 @@ def read_dotenv(env: Env) -> dict[str, str]:
     import logging
 
     try:
-        with open(os.open(env.path(".env"), os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+        with open(os.open(env.path(".env"), nonblocking(os.O_RDONLY)), "rb") as file:
             data = (
                 file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
             )
@@ -2398,7 +2449,7 @@ def banner(chat: Chat) -> str:
     parts = [
         f"conversation {conversation.name}",
         state + ("" if conversation.save else ", nothing is saved"),
-        "/help · Ctrl-D leaves",
+        f"/help · {'Ctrl-Z then Enter' if WINDOWS else 'Ctrl-D'} leaves",
     ]
     together = " · ".join(parts)
     lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
@@ -2427,7 +2478,10 @@ def enable_line_editing(history: str) -> bool:
 
 def save_history(history: str, env: Env) -> None:
     """The last lines typed, in a private file (not pasted blocks: they would come back as many)."""
-    import readline
+    try:
+        import readline
+    except ImportError:
+        return  # no readline (Windows): plain lines, no history
 
     count = readline.get_current_history_length()
     lines = [
@@ -2439,7 +2493,7 @@ def save_history(history: str, env: Env) -> None:
         check_folder(os.path.dirname(history))
         make_folder(os.path.dirname(history))
         fd = open_private(history, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.fchmod(fd, 0o600)
+        make_private(fd)
         with open(fd, "w", encoding="utf-8") as file:
             file.write("".join(line + "\n" for line in lines[-HISTORY_LINES:]))
     except (OSError, UsageError) as exc:
