@@ -114,6 +114,18 @@ CONTEXT_OVERFLOW = re.compile(
     r"maximum context length|context window|context length",
     re.I,
 )
+# Reasoning in every shape a reply carries it: these fields of a message or a stream delta (the
+# first one present counts: OpenRouter sends the same thoughts in two), and the parts of
+# `content` or reasoning_details by type: the key holding their text, and whether it is
+# reasoning (other types, reasoning.encrypted among them, are skipped).
+REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_details")
+REPLY_PARTS = {
+    "text": ("text", False),
+    "thinking": ("thinking", True),  # Mistral: itself a list of text parts
+    "reasoning.text": ("text", True),
+    "reasoning.summary": ("summary", True),
+}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"  # a block at the start of the text is reasoning
 MIN_SECRET_CHARS = 8  # shorter keys are placeholders ("none") that masking would garble text for
 DIM, NORMAL, ERASE_LINE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"  # chat.py's own styling on a terminal
 SPINNER_FRAMES = "|/-\\"
@@ -1225,12 +1237,69 @@ def message_text(content) -> str | None:
     return content if isinstance(content, str) else None
 
 
-def reasoning_text(message: dict) -> str:
-    """reasoning_content (DeepSeek, llama.cpp), else reasoning (vLLM, Ollama, OpenRouter)."""
-    for name in ("reasoning_content", "reasoning"):
-        if isinstance(message.get(name), str) and message[name]:
-            return message[name]
-    return ""
+def split_parts(parts: list) -> tuple[str, str]:
+    """The text and the reasoning in a list of parts (REPLY_PARTS; an untyped part is text)."""
+    found = {False: [], True: []}
+    for part in parts:
+        kind = part.get("type", "text") if isinstance(part, dict) else None
+        key, is_reasoning = REPLY_PARTS.get(kind, (None, False))
+        value = part.get(key) if key else None
+        value = message_text(value) if isinstance(value, list) else value
+        if isinstance(value, str):
+            found[is_reasoning].append(value)
+    return "".join(found[False]), "".join(found[True])
+
+
+def split_message(message: dict) -> tuple[str | None, str]:
+    """The text (None when there is no content nor refusal) and the reasoning of a message or a
+    stream delta, in every shape (REASONING_FIELDS, REPLY_PARTS)."""
+    content = message.get("content")
+    text, thinking = split_parts(content) if isinstance(content, list) else (content, "")
+    if not text and isinstance(message.get("refusal"), str):
+        text = message["refusal"]
+    for name in REASONING_FIELDS:
+        value = message.get(name)
+        value = split_parts(value)[1] if isinstance(value, list) else value
+        if value and isinstance(value, str):
+            return (text if isinstance(text, str) else None), value
+    return (text if isinstance(text, str) else None), thinking
+
+
+class ThinkBlock:
+    """Splits a <think>...</think> block at the very start of a reply's text (after whitespace)
+    off as reasoning, the text given whole or in pieces cut anywhere; what may be a tag cut in two
+    waits for the next piece. A block never closed is reasoning to the end."""
+
+    def __init__(self):
+        self.state, self.held = "start", ""  # start, think, after (the block), text
+
+    def split(self, piece: str, last: bool = False) -> tuple[str, str]:
+        """The (text, reasoning) known with piece; last: the reply ends here."""
+        if self.state == "text":
+            return piece, ""
+        held, self.held, reasoning = self.held + piece, "", ""
+        if self.state == "start":
+            start = held.lstrip()
+            if THINK_OPEN.startswith(start) and not last:
+                self.held = held
+                return "", ""
+            if not start.startswith(THINK_OPEN):
+                self.state = "text"
+                return held, ""
+            self.state, held = "think", start[len(THINK_OPEN) :]
+        if self.state == "think":
+            reasoning, closed, held = held.partition(THINK_CLOSE)
+            if not closed:
+                cut = len(reasoning) - max(
+                    n for n in range(len(THINK_CLOSE)) if reasoning.endswith(THINK_CLOSE[:n])
+                )
+                self.held = "" if last else reasoning[cut:]
+                return "", reasoning if last else reasoning[:cut]
+            self.state = "after"
+        held = held.lstrip()  # the answer starts after the block's closing whitespace
+        if held:
+            self.state = "text"
+        return held, reasoning
 
 
 def add_tool_calls(calls: dict[int, dict], items) -> int:
@@ -1306,14 +1375,15 @@ def read_reply(response, server: Server, trace: Trace | None) -> Reply:
         raise ApiError("unexpected reply from the server: no choices")
     reply = Reply()
     reply.choices, reply.finish_reason = len(choices), first.get("finish_reason")
-    reply.usage, reply.reasoning = payload.get("usage"), reasoning_text(message)
+    reply.usage = payload.get("usage")
     reply.model = payload.get("model") if isinstance(payload.get("model"), str) else None
     add_tool_calls(reply.tool_calls, message.get("tool_calls"))
-    text = message_text(message.get("content"))
-    text = message_text(message.get("refusal")) if text is None else text
+    text, reasoning = split_message(message)
     if text is None and not reply.tool_calls and reply.finish_reason != "length":
         raise ApiError("unexpected reply from the server: the message has no text")
-    reply.text = (text or "") + after_text(text or "", tool_call_lines(reply.tool_calls))
+    text, thought = ThinkBlock().split(text or "", last=True)
+    reply.text = text + after_text(text, tool_call_lines(reply.tool_calls))
+    reply.reasoning = reasoning + thought
     return reply
 
 
@@ -1347,6 +1417,7 @@ class SSEDecoder:
         self.pending_size = self.data_size = 0
         self.started = self.after_cr = False
         self.event, self.data = "", []
+        self.unknown: list[tuple[str, str]] = []  # lines of other fields, for the reader to clear
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
         """Take the next bytes of the stream; return the (event, data) pairs they complete."""
@@ -1389,7 +1460,8 @@ class SSEDecoder:
                         )
                 elif field == "event":
                     self.event = value
-                # "id" and "retry" only matter to a client that reconnects; this one does not.
+                elif field not in ("id", "retry"):  # they matter only to a client that reconnects
+                    self.unknown.append((field, value))
         return events
 
 
@@ -1398,11 +1470,11 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError):
-        raise ApiError(f"malformed event in the stream: {data!r}") from None
-    if not isinstance(chunk, dict):
-        raise ApiError(f"unexpected event in the stream: {data!r}")
-    if event == "error" or "error" in chunk:
+        chunk = None
+    if event == "error" or isinstance(chunk, dict) and "error" in chunk:
         raise ApiError(f"the server reported an error mid-stream: {error_message(chunk) or data}")
+    if not isinstance(chunk, dict):
+        raise ApiError(f"malformed event in the stream: {data!r}")
     if chunk.get("usage"):
         reply.usage = chunk["usage"]
     if not reply.model and isinstance(chunk.get("model"), str):
@@ -1421,11 +1493,8 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
-        content = delta.get("content") or delta.get("refusal")
-        text = content if isinstance(content, str) else ""
-        reasoning = (
-            reasoning_text(delta) if "reasoning_content" in delta or "reasoning" in delta else ""
-        )
+        text, reasoning = split_message(delta)
+        text = text or ""
         added = (
             add_tool_calls(reply.tool_calls, delta["tool_calls"]) if "tool_calls" in delta else 0
         )
@@ -1495,7 +1564,7 @@ class Output:
 
 def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
     """Show a streamed reply as it arrives, and return it whole. Keep-alives only is a timeout."""
-    reply, texts, thoughts = Reply(streamed=True), [], []
+    reply, texts, thoughts, think = Reply(streamed=True), [], [], ThinkBlock()
     decoder = SSEDecoder(trace.sse_line if trace else None)
     last_data = time.monotonic()
     try:
@@ -1509,6 +1578,9 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                     continue  # empty or blank data: a keep-alive some servers send
                 fresh = True
                 text, reasoning = read_stream_event(event, data, reply)
+                if text and think.state != "text":
+                    text, thought = think.split(text)
+                    reasoning += thought
                 if reasoning:
                     output.reasoning(reasoning)
                     thoughts.append(reasoning)
@@ -1518,6 +1590,10 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
             # One flush per network read, not per delta: the text that has arrived is
             # on screen before the next wait, with a fraction of the write calls.
             output.flush()
+            for field, value in decoder.unknown:
+                if field == "error":  # llama-box, GPUStack: `error: {...}` outside SSE's fields
+                    read_stream_event(field, value, reply)
+            decoder.unknown.clear()
             if reply.done:
                 break
             if reply.size > MAX_REPLY:
@@ -1531,6 +1607,8 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                     f"{server.host} sent no data for {server.timeout:g} s, only keep-alives "
                     "(--timeout)"
                 )
+        if not reply.done and not reply.finish_reason:
+            raise NetworkError("the connection closed before the reply was complete", retryable=True)
     except ChatError as error:
         error.retryable = (
             error.retryable and output.text_end is None
@@ -1538,10 +1616,13 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
         raise
     finally:
         response.close()
-    text = "".join(texts)
+    text, thought = think.split("", last=True)
+    output.reasoning(thought)
+    output.text(text)
+    text, reasoning = "".join(texts) + text, "".join(thoughts) + thought
     calls = after_text(text, tool_call_lines(reply.tool_calls))
     output.text(calls)
-    reply.text, reply.reasoning = text + calls, "".join(thoughts)
+    reply.text, reply.reasoning = text + calls, reasoning
     return reply
 
 
@@ -1573,8 +1654,8 @@ def reply_warnings(reply: Reply) -> list[str]:
         warnings.append(
             "the reply was cut off by the content filter (finish_reason: content_filter)"
         )
-    elif reply.streamed and not reply.done and not reply.finish_reason:
-        warnings.append("the stream ended before the reply was complete")
+    elif reply.reasoning and not reply.text.strip():
+        warnings.append("the reply was only reasoning, no answer")
     return warnings
 
 

@@ -371,17 +371,24 @@ class TestNotSaved:
             assert done.out == "Hello!\n" and len(server.requests) == 1
         assert home().exists() is kept and len(files()) == kept
 
-    def test_a_stream_without_done_that_the_user_saw_is_saved(self, cli, server):
+    def test_a_stream_cut_short_stays_on_screen_and_is_not_saved(self, cli, server):
+        # v4: no [DONE] and no finish_reason is a failure (v1-v3 warned and saved the half).
         server.reply(SSE_HEAD + chunk_of(chunk("half")) + END_CHUNKS)
         done = cli("--base-url", server.url, "--stream", "q")
         assert (done.code, done.out, done.err) == (
-            0,
+            3,
             "half\n",
-            "warning: the stream ended before the reply was complete\n",
+            "error: the connection closed before the reply was complete\n",
         )
+        assert saved() == {} and len(server.requests) == 1
+
+    def test_a_stream_with_its_finish_reason_and_no_done_is_saved(self, cli, server):
+        server.reply(SSE_HEAD + chunk_of(chunk("whole") + chunk(finish_reason="stop")) + END_CHUNKS)
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out, done.err) == (0, "whole\n", "")
         [[saved_turn]] = saved().values()
         # answered_by comes from the chunks' model field
-        assert (saved_turn["assistant"], saved_turn["answered_by"]) == ("half", "test-model")
+        assert (saved_turn["assistant"], saved_turn["answered_by"]) == ("whole", "test-model")
 
 
 class TestNothingLost:

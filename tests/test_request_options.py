@@ -191,10 +191,24 @@ class TestReasoning:
         done = cli("--base-url", server.url, "--max-tokens", "64", "q")
         assert (done.code, done.out, done.err) == (0, "\n", LIMIT_WARNING.format(count))
 
-    def test_think_tags_in_the_content_are_left_alone(self, cli, server):
-        server.reply(json_response(completion("<think>hm</think>Answer.")))
+    @pytest.mark.parametrize(
+        "content, out, err",
+        [
+            ("<think>hm</think>Answer.", "Answer.\n", "reasoning:\nhm\n\n"),
+            (" \n<think>\nhm\n</think>\n\nAnswer.", "Answer.\n", "reasoning:\n\nhm\n\n"),
+            ("Answer: <think>hm</think>", "Answer: <think>hm</think>\n", ""),
+            ("<thinking>hm</thinking>", "<thinking>hm</thinking>\n", ""),
+        ],
+        ids=["at the start", "after whitespace", "later is text", "another tag"],
+    )
+    def test_a_think_block_at_the_start_of_the_content_is_reasoning(
+        self, cli, server, content, out, err
+    ):
+        server.reply(json_response(completion(content)))
         done = cli("--base-url", server.url, "--reasoning", "show", "q")
-        assert (done.code, done.out, done.err) == (0, "<think>hm</think>Answer.\n", "")
+        assert (done.code, done.out, done.err) == (0, out, err)
+        [[turn]] = saved().values()
+        assert turn["assistant"] == out[:-1]
 
 
 class TestAnyField:

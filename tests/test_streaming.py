@@ -256,9 +256,9 @@ class TestStreamingCli:
             ((chunk("all "), chunk("there", "stop")), 0, "all there\n", ""),
             (
                 (chunk("half"),),
-                0,
+                3,
                 "half\n",
-                "warning: the stream ended before the reply was complete\n",
+                "error: the connection closed before the reply was complete\n",
             ),
             (
                 (chunk("cut"), chunk(finish_reason="length"), DONE),
@@ -617,3 +617,169 @@ def test_control_characters_reach_a_pipe_exactly_and_a_terminal_made_visible(
     done = cli("--base-url", server.url, "--stream", "hi", ttys=(False, stdout_tty, False))
     assert (done.code, done.out, done.err) == (0, out, "")
     assert only_turn()["assistant"] == EXACT
+
+
+# ------------------------------------------------------------------ v4: every reply told right
+
+THINKING_PARTS = [{"type": "thinking", "thinking": [{"type": "text", "text": "Hm, "}]}]
+# Each shape a model's reasoning "Hm, ok." comes in, as two deltas (or one message) ahead of
+# the answer "Yes.".
+REASONING_SHAPES = {
+    "reasoning_content": [{"reasoning_content": "Hm, "}, {"reasoning_content": "ok."}],
+    "reasoning": [{"reasoning": "Hm, "}, {"reasoning": "ok."}],
+    "thinking parts": [
+        {"content": THINKING_PARTS},
+        {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "ok."}]}]},
+    ],
+    "reasoning_details": [
+        {"reasoning_details": [{"type": "reasoning.text", "text": "Hm, ", "signature": "s"}]},
+        {
+            "reasoning_details": [
+                {"type": "reasoning.encrypted", "data": "b3BhcXVl"},
+                {"type": "reasoning.summary", "summary": "ok."},
+            ]
+        },
+    ],
+    "reasoning and the same in reasoning_details": [
+        {"reasoning": "Hm, ", "reasoning_details": [{"type": "reasoning.text", "text": "Hm, "}]},
+        {"reasoning": "ok.", "reasoning_details": [{"type": "reasoning.text", "text": "ok."}]},
+    ],
+    "think block": [{"content": "<think>Hm, "}, {"content": "ok.</think>"}],
+}
+
+
+def whole_message(deltas: list[dict]) -> dict:
+    """The deltas of a shape joined into one message, as a whole reply carries it."""
+    message: dict = {"role": "assistant"}
+    for delta in deltas + [{"content": "Yes."}]:
+        for key, value in delta.items():
+            if isinstance(value, str) and isinstance(message.get(key, ""), str):
+                message[key] = message.get(key, "") + value
+            else:
+                before = message.get(key, [])
+                before = [{"type": "text", "text": before}] if isinstance(before, str) else before
+                value = [{"type": "text", "text": value}] if isinstance(value, str) else value
+                message[key] = before + value
+    return message
+
+
+class TestReasoningInEveryShape:
+    @pytest.mark.parametrize("shape", REASONING_SHAPES)
+    @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+    def test_reasoning_goes_to_stderr_and_the_answer_to_stdout_and_the_file(
+        self, cli, server, shape, streamed
+    ):
+        deltas = REASONING_SHAPES[shape]
+        if streamed:
+            events = [raw_event({"index": 0, "delta": delta}) for delta in deltas]
+            server.reply(sse_response(*events, chunk("Yes."), chunk(finish_reason="stop"), DONE))
+        else:
+            reply = completion(None)
+            reply["choices"][0]["message"] = whole_message(deltas)
+            server.reply(json_response(reply))
+        done = cli("--base-url", server.url, "--reasoning", "show", "q")
+        assert (done.code, done.out, done.err) == (0, "Yes.\n", "reasoning:\nHm, ok.\n\n")
+        assert only_turn()["assistant"] == "Yes."
+        assert "Hm" not in json.dumps(saved())
+
+    def test_hidden_unless_asked_for(self, cli, server):
+        server.reply(sse_response(chunk(content=THINKING_PARTS), chunk("Yes.", "stop"), DONE))
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out, done.err) == (0, "Yes.\n", "")
+
+    def test_text_parts_and_strings_join_in_order(self, cli, server):
+        # mistral-small: "1" as the text part after its last thinking part, then "44" as a string
+        parts = THINKING_PARTS + [{"type": "text", "text": "1"}]
+        server.reply(sse_response(chunk(content=parts), chunk("44", "stop"), DONE))
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out, done.err) == (0, "144\n", "")
+
+    @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+    def test_a_think_block_never_closed_is_reasoning_then_a_warning(self, cli, server, streamed):
+        if streamed:
+            server.reply(sse_response(stream_events("<think>still ", "thinking")))
+        else:
+            server.reply(json_response(completion("<think>still thinking")))
+        done = cli("--base-url", server.url, "--reasoning", "show", "q")
+        assert (done.code, done.out) == (0, "\n")
+        assert done.err == (
+            "reasoning:\nstill thinking\n\nwarning: the reply was only reasoning, no answer\n"
+        )
+
+
+THINK_REPLY = "\n<think>\nLet me see: 日本.\n</think>\n\nThe answer: <think> is text here."
+
+
+class TestThinkBlockCutAnywhere:
+    @pytest.mark.parametrize("cut", range(1, len(THINK_REPLY)))
+    def test_cut_in_two_at_any_character(self, cli, server, cut):
+        server.reply(sse_response(stream_events(THINK_REPLY[:cut], THINK_REPLY[cut:])))
+        done = cli("--base-url", server.url, "--stream", "--reasoning", "show", "q")
+        assert (done.code, done.out, done.err) == (
+            0,
+            "The answer: <think> is text here.\n",
+            "reasoning:\n\nLet me see: 日本.\n\n",
+        )
+
+    def test_one_character_a_delta(self, cli, server):
+        server.reply(sse_response(stream_events(*THINK_REPLY)))
+        done = cli("--base-url", server.url, "--stream", "--reasoning", "show", "q")
+        assert (done.code, done.out) == (0, "The answer: <think> is text here.\n")
+        assert done.err == "reasoning:\n\nLet me see: 日本.\n\n"
+
+    @pytest.mark.parametrize("cut", range(len(THINK_REPLY.encode()) + 1))
+    def test_the_splitter_alone_at_every_byte_boundary_of_its_events(self, cut):
+        # Bytes cut anywhere in the stream reach the splitter as whole characters.
+        think, decoder, reply, pieces = chat.ThinkBlock(), chat.SSEDecoder(), chat.Reply(), []
+        raw = stream_events(THINK_REPLY[:20], THINK_REPLY[20:])
+        for part in (raw[:cut], raw[cut:]):
+            for event, data in decoder.feed(part):
+                if data != "[DONE]":
+                    text, _ = chat.read_stream_event(event, data, reply)
+                    pieces.append(think.split(text))
+        pieces.append(think.split("", last=True))
+        assert "".join(text for text, _ in pieces) == "The answer: <think> is text here."
+        assert "".join(thought for _, thought in pieces) == "\nLet me see: 日本.\n"
+
+
+class TestStreamEnds:
+    def test_cut_short_before_any_text_is_retried(self, cli, server):
+        server.reply(sse_response(chunk("", role="assistant")), sse_response(stream_events("ok")))
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out, len(server.requests)) == (0, "ok\n", 2)
+        assert done.err == (
+            "warning: the connection closed before the reply was complete; "
+            f"retrying in {cli.waits[0]:.1f} s (2 of 3)\n"
+        )
+
+    def test_finish_reason_for_another_choice_is_not_the_end(self, cli, server):
+        server.reply(
+            sse_response(chunk("half", index=0), chunk("other", "stop", index=1)), chunk_of(b"")
+        )
+        done = cli("--base-url", server.url, "--stream", "--retries", "0", "q")
+        assert (done.code, done.out) == (3, "half\n")
+        assert done.err.endswith("error: the connection closed before the reply was complete\n")
+        assert saved() == {}
+
+    @pytest.mark.parametrize(
+        "line, message",
+        [
+            (
+                b'error: {"error": {"message": "failed to decode", "type": "server_error"}}\n\n',
+                "failed to decode",
+            ),
+            (b"error: upstream gone\n", "upstream gone"),
+        ],
+        ids=["JSON", "text"],
+    )
+    def test_an_error_line_outside_the_fields_ends_the_reply(self, cli, server, line, message):
+        server.reply(sse_response(chunk("so far"), line))
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out) == (1, "so far\n")
+        assert done.err == f"error: the server reported an error mid-stream: {message}\n"
+        assert saved() == {}
+
+    def test_other_unknown_lines_change_nothing(self, cli, server):
+        server.reply(sse_response(b"warning: x\nerrors: y\n\n", stream_events("ok")))
+        done = cli("--base-url", server.url, "--stream", "q")
+        assert (done.code, done.out, done.err) == (0, "ok\n", "")
