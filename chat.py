@@ -1242,7 +1242,7 @@ def split_parts(parts: list) -> tuple[str, str]:
     found = {False: [], True: []}
     for part in parts:
         kind = part.get("type", "text") if isinstance(part, dict) else None
-        key, is_reasoning = REPLY_PARTS.get(kind, (None, False))
+        key, is_reasoning = REPLY_PARTS.get(kind if isinstance(kind, str) else "", (None, False))
         value = part.get(key) if key else None
         value = message_text(value) if isinstance(value, list) else value
         if isinstance(value, str):
@@ -1254,15 +1254,18 @@ def split_message(message: dict) -> tuple[str | None, str]:
     """The text (None when there is no content nor refusal) and the reasoning of a message or a
     stream delta, in every shape (REASONING_FIELDS, REPLY_PARTS)."""
     content = message.get("content")
+    if content and len(message) == 1 and type(content) is str:
+        return content, ""  # most deltas of a stream: its hot path
     text, thinking = split_parts(content) if isinstance(content, list) else (content, "")
+    text = text if isinstance(text, str) else None
     if not text and isinstance(message.get("refusal"), str):
         text = message["refusal"]
     for name in REASONING_FIELDS:
         value = message.get(name)
         value = split_parts(value)[1] if isinstance(value, list) else value
         if value and isinstance(value, str):
-            return (text if isinstance(text, str) else None), value
-    return (text if isinstance(text, str) else None), thinking
+            return text, value
+    return text, thinking
 
 
 class ThinkBlock:
@@ -1441,7 +1444,7 @@ class SSEDecoder:
             lines[0] = lines[0].removeprefix(b"\xef\xbb\xbf")  # the spec strips one BOM
         events = []
         for line in lines:
-            text = line.decode("utf-8", "replace")
+            text = line.decode("utf-8", "replace") if line else ""
             if self.on_line:
                 self.on_line(text)
             if not text:  # a blank line dispatches the event
@@ -1536,7 +1539,8 @@ class Output:
         self.text_end = text[-1:] or self.text_end or ""
 
     def flush(self) -> None:
-        self.env.stderr.flush()
+        if self.reasoning_end is not None:  # else end_reasoning() flushed stderr
+            self.env.stderr.flush()
         self.env.stdout.flush()
 
     def end_reasoning(self, interrupted: bool = False) -> None:
@@ -1608,7 +1612,9 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                     "(--timeout)"
                 )
         if not reply.done and not reply.finish_reason:
-            raise NetworkError("the connection closed before the reply was complete", retryable=True)
+            raise NetworkError(
+                "the connection closed before the reply was complete", retryable=True
+            )
     except ChatError as error:
         error.retryable = (
             error.retryable and output.text_end is None

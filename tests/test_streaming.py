@@ -682,6 +682,12 @@ class TestReasoningInEveryShape:
         assert only_turn()["assistant"] == "Yes."
         assert "Hm" not in json.dumps(saved())
 
+    def test_parts_of_other_or_odd_types_are_skipped(self, cli, server):
+        odd = [{"type": ["text"], "text": "x"}, {"type": "image_url"}, "text", None, {"text": "A"}]
+        server.reply(json_response(completion(odd + [{"type": "text", "text": "B"}])))
+        done = cli("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err) == (0, "AB\n", "")
+
     def test_hidden_unless_asked_for(self, cli, server):
         server.reply(sse_response(chunk(content=THINKING_PARTS), chunk("Yes.", "stop"), DONE))
         done = cli("--base-url", server.url, "--stream", "q")
