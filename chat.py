@@ -76,8 +76,55 @@ JPEG_QUALITY = 85
 # sent byte for byte (16-bit, CMYK and other modes are converted).
 PLAIN_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
 AS_IS_MODES = {"PNG": PLAIN_MODES, "GIF": PLAIN_MODES, "WEBP": PLAIN_MODES, "JPEG": {"L", "RGB"}}
-TEXT_SNIFF_BYTES = 8192  # a NUL byte this early means a -f file is not text
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".heic")
+TEXT_SNIFF_BYTES = 8192  # -f judges a file by this much of its start
+# An MPEG audio frame header (MP3): 11 sync bits, MPEG 1, 2 or 2.5, layer III; a bitrate index
+# of 1 to 14 and a sample rate index of 0 to 2.
+MP3_FRAME = (
+    rb"\xff[\xe2\xe3\xf2\xf3\xfa\xfb]["
+    + re.escape(bytes(byte for byte in range(0x10, 0xF0) if byte & 0x0C != 0x0C))
+    + rb"]"
+)
+# The kinds of content part, by type: what --show and -v call one, what a hint calls them, the
+# formats -f sends as one and the first bytes it knows them by (the first kind that matches
+# wins), the words of a server's error about one, and how a file becomes the part's value
+# (text goes inline, images through Pillow). A new kind is a row here.
+PART_KINDS = {
+    "image_url": (
+        "image",
+        "images",
+        "PNG, JPEG, GIF, WebP, BMP, TIFF",
+        rb"\x89PNG\r\n\x1a\n|\xff\xd8\xff|GIF8[79]a|RIFF....WEBP|BM....\0\0\0\0|II\*\0|MM\0\*",
+        r"image",
+        None,
+    ),
+    "file": (
+        "file",
+        "PDF files",
+        "",
+        rb"%PDF-",
+        r"\bfile\b|file_data|pdf",
+        lambda name, data, encoded: {
+            "filename": os.path.basename(name),
+            "file_data": f"data:application/pdf;base64,{encoded}",
+        },
+    ),
+    "input_audio": (
+        "audio",
+        "audio",
+        "WAV, MP3",
+        rb"RIFF....WAVE|ID3[\2-\4]\0|" + MP3_FRAME,
+        r"audio",
+        lambda name, data, encoded: {
+            "data": encoded,
+            "format": "wav" if data[:4] == b"RIFF" else "mp3",
+        },
+    ),
+    "text": ("text", "text", "", rb"[^\0]*\Z", None, None),
+}
+# A server saying it cannot take some content part (llama-server: "unsupported content[].type").
+PART_REFUSED = re.compile(
+    r"unsupported content|content\[\]|invalid content|content.{0,40}not supported", re.I
+)
 
 # --schema's short form: "name, age int, bio: one sentence"
 SHORT_TYPES = {
@@ -92,6 +139,12 @@ SHORT_TYPES = {
 }
 FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 FORMAT_REJECTED = re.compile(r"response_format|json_schema")  # a server refusing --schema's form
+# A chat template refusing the system role: Gemma's raise_exception('System role not supported'),
+# Mistral's 'Only user and assistant roles are supported!'
+SYSTEM_REFUSED = re.compile(
+    r"system role (is )?not supported|only user and assistant roles are supported", re.I
+)
+TOOLS_WITH_REASONING = re.compile(r"function tools with reasoning_effort are not supported", re.I)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
@@ -543,22 +596,6 @@ def read_piped_stdin(env: Env) -> str | None:
     )
 
 
-def read_text_file(path: str, env: Env) -> str:
-    """A -f file's text, as UTF-8; a missing, unreadable, binary or huge file is a usage error."""
-    try:
-        with open(env.path(path), "rb") as file:
-            data = read_limited(file, path)
-    except OSError as exc:
-        raise UsageError(f"cannot read file {path}: {exc.strerror or exc}") from None
-    if b"\0" in data[:TEXT_SNIFF_BYTES]:
-        is_picture = path.lower().endswith(IMAGE_SUFFIXES)
-        raise UsageError(
-            f"cannot add {path}: it is not a text file (it holds NUL bytes)",
-            hint="(attach pictures with --image)" if is_picture else "",
-        )
-    return decode_utf8(data, path, env)
-
-
 def file_block(path: str, text: str) -> str:
     """The path, then the text in a code fence longer than any run of backticks inside it."""
     fence = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
@@ -567,15 +604,11 @@ def file_block(path: str, text: str) -> str:
     return f"{path}\n{fence}\n{text}{fence}"
 
 
-def build_user_message(question: str, image_urls: list[str], detail: str | None) -> dict:
-    """The user message: plain text, or a text part followed by one part per image."""
-    if not image_urls:
+def build_user_message(question: str, parts: list[dict]) -> dict:
+    """The user message: plain text, or a text part followed by the attachments' parts."""
+    if not parts:
         return {"role": "user", "content": question}
-    images = [
-        {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}
-        for url in image_urls
-    ]
-    return {"role": "user", "content": [{"type": "text", "text": question}, *images]}
+    return {"role": "user", "content": [{"type": "text", "text": question}, *parts]}
 
 
 def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
@@ -598,6 +631,27 @@ def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
     if not schema or body.get("response_format") != schema_format(schema):
         return None
     return {**body, "response_format": {"type": "json_object", "schema": schema}}
+
+
+def system_in_user(body: dict) -> dict | None:
+    """The request with its system prompt put at the start of the first user message, for a
+    chat template that refuses the system role; None when it has no system prompt."""
+    messages = body.get("messages")
+    if not (
+        isinstance(messages, list)
+        and len(messages) > 1
+        and all(isinstance(message, dict) for message in messages[:2])
+        and messages[0].get("role") == "system"
+    ):
+        return None
+    system, first, *rest = messages
+    content = first.get("content")
+    content = (
+        [{"type": "text", "text": system["content"]}, *content]
+        if isinstance(content, list)
+        else f"{system['content']}\n\n{content}"
+    )
+    return {**body, "messages": [{**first, "content": content}, *rest]}
 
 
 def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
@@ -811,6 +865,46 @@ def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
     if source.startswith(("http://", "https://", "data:")):
         return source, f"image {elide_base64(source)}: sent as given"
     return encode_image_file(source, detail, env)
+
+
+def attachment(source: str, detail: str | None, env: Env, image: bool = False):
+    """What -f SOURCE (image=True: --image) adds to the question, judged by the file's content:
+    a text block (str) or a content part (dict); and a note for -v."""
+    import base64
+
+    if image:
+        url, note = image_url(source, detail, env)
+        return {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}, note
+    try:
+        with open(env.path(source), "rb") as file:
+            data = read_limited(file, source)
+    except OSError as exc:
+        raise UsageError(f"cannot read file {source}: {exc.strerror or exc}") from None
+    kind = next(
+        (
+            kind
+            for kind, row in PART_KINDS.items()
+            if re.match(row[3], data[:TEXT_SNIFF_BYTES], re.S)
+        ),
+        None,
+    )
+    if kind is None:
+        sendable = [
+            f"{noun} ({formats})" if formats else noun
+            for kind, (_, noun, formats, *_) in PART_KINDS.items()
+            if kind != "text"
+        ]
+        raise UsageError(
+            f"cannot add {source}: it is not text (it holds NUL bytes), nor a file chat.py can "
+            f"send ({', '.join(sendable)})"
+        )
+    if kind == "image_url":
+        return attachment(source, detail, env, image=True)
+    note = f"{PART_KINDS[kind][0]} {source}: {len(data):,} bytes"
+    if kind == "text":
+        return file_block(source, decode_utf8(data, source, env)), f"{note}, inline"
+    value = PART_KINDS[kind][5](source, data, base64.b64encode(data).decode("ascii"))
+    return {"type": kind, kind: value}, f"{note}, sent as a {kind} part"
 
 
 # ----------------------------------------------------------------- transport
@@ -1184,12 +1278,12 @@ def call(
     read,
     env: Env,
     trace: Trace | None = None,
-    fallback: dict | None = None,
+    fallbacks=(),
 ):
     """Send body and return read(response, streamed), retrying what a retry can fix; streamed
-    is what the body is, whatever was asked. A fallback body goes when the first's response_format
-    is rejected."""
-    attempt, rejected = 0, None
+    is what the body is, whatever was asked. Each fallback (pattern, make_body, note) goes once,
+    before any retry: when a server's refusal matches pattern, make_body(body) is sent instead."""
+    attempt, rejected = 0, {}  # the fallbacks sent, with the refusal that sent each
     while True:
         try:
             response = send(session, server, path, body, trace)
@@ -1199,20 +1293,15 @@ def call(
             )
             return read(response, streamed)
         except ChatError as error:
-            rejection = (
-                isinstance(error, ApiError) and error.status and FORMAT_REJECTED.search(str(error))
-            )
-            if fallback and rejection:
+            refusal = str(error) if isinstance(error, ApiError) and error.status else ""
+            fallback = next((each for each in fallbacks if each[0].search(refusal)), None)
+            if fallback in rejected:
+                raise rejected[fallback] from None  # its message explains what the first asked
+            if fallback and (new_body := fallback[1](body)):
                 if trace:
-                    trace.write(
-                        "* ",
-                        "the server rejects this response_format; sending it as "
-                        '{"type": "json_object", "schema": ...}',
-                    )
-                body, fallback, rejected = fallback, None, error
+                    trace.write("* ", fallback[2])
+                body, rejected[fallback] = new_body, error
                 continue
-            if rejected and rejection:
-                raise rejected from None  # its message explains what the schema asked for
             wait = retry_wait(error, attempt, server.retries)
             if wait is None:
                 raise
@@ -1221,6 +1310,31 @@ def call(
                 f"{error.brief}; retrying in {wait:.1f} s ({attempt + 1} of {server.retries + 1})"
             )
             env.sleep(wait)
+
+
+def refusal_hint(message: str, body: dict) -> str:
+    """Advice for a server's refusal of what the request holds: function tools with reasoning
+    (OpenAI), or a kind of content part; "" when there is none."""
+    if TOOLS_WITH_REASONING.search(message):
+        return (
+            "(for -o tools on /chat/completions add --reasoning-effort none, "
+            "or use the Responses API)"
+        )
+    sent = {
+        part.get("type")
+        for entry in body["messages"]
+        if isinstance(entry.get("content"), list)
+        for part in entry["content"]
+        if isinstance(part, dict)
+    }
+    kinds = [kind for kind, row in PART_KINDS.items() if row[4] and kind in sent]
+    named = [kind for kind in kinds if re.search(PART_KINDS[kind][4], message, re.I)]
+    named = named or (kinds if PART_REFUSED.search(message) else [])
+    return (
+        f"(this server may not take {' or '.join(PART_KINDS[kind][1] for kind in named)})"
+        if named
+        else ""
+    )
 
 
 # ------------------------------------------------------------ replies and output
@@ -1926,9 +2040,9 @@ def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = Fa
 
 
 def make_turn(
-    body: dict, user_message: dict, reply: Reply, images: list[str], base_url: str
+    body: dict, user_message: dict, reply: Reply, attached: list[str], base_url: str
 ) -> dict:
-    """A turn as it is saved."""
+    """A turn as it is saved; attachments: the name the user gave each part after the text."""
     first = body["messages"][0]
     return drop_nones(
         {
@@ -1936,7 +2050,7 @@ def make_turn(
             "model": body.get("model"),
             "system": first["content"] if first.get("role") == "system" else None,
             "user": user_message,
-            "images": list(images) or None,
+            "attachments": list(attached) or None,
             "assistant": reply.text,
             "answered_by": reply.model,
             "finish_reason": reply.finish_reason,
@@ -1970,17 +2084,28 @@ def list_conversations(folder: str, env: Env) -> None:
 
 
 def readable(turn: dict) -> str:
-    """A turn's question, then an [image: ...] line per image, named as the user gave it."""
+    """A turn's question, then an [image: ...], [file: ...] or [audio: ...] line per attachment,
+    named as the user gave it (in a turn saved without the names, what the part holds)."""
     content = turn["user"].get("content")
-    parts = content if isinstance(content, list) else []
-    urls = [
-        part["image_url"].get("url")
-        for part in parts
-        if isinstance(part, dict) and isinstance(part.get("image_url"), dict)
+    parts = [
+        part
+        for part in (content if isinstance(content, list) else [])
+        if isinstance(part, dict) and part.get("type") in PART_KINDS and part["type"] != "text"
     ]
-    sources = turn["images"] if isinstance(turn.get("images"), list) else urls
+    names = turn.get("attachments") or turn.get("images")  # "images": saved before v4
+    if not (isinstance(names, list) and len(names) == len(parts)):
+        names = [
+            next(iter(value.values()), "?")
+            if isinstance(value := part.get(part["type"]), dict)
+            else "?"
+            for part in parts
+        ]
     return "\n".join(
-        [message_text(content) or ""] + [f"[image: {elide_base64(str(s))}]" for s in sources]
+        [message_text(content) or ""]
+        + [
+            f"[{PART_KINDS[part['type']][0]}: {elide_base64(str(name))}]"
+            for part, name in zip(parts, names, strict=True)
+        ]
     )
 
 
@@ -2065,13 +2190,17 @@ def build_parser() -> argparse.ArgumentParser:
         "-f",
         "--file",
         action="append",
+        dest="attach",
+        type=lambda path: (path, False),
         default=[],
         metavar="PATH",
-        help="add a text file (repeatable)",
+        help="add a file: text, PDF, image or audio (repeatable)",
     )
     add(
         "--image",
         action="append",
+        dest="attach",
+        type=lambda source: (source, True),
         default=[],
         metavar="PATH_OR_URL",
         help="attach an image (repeatable)",
@@ -2285,7 +2414,7 @@ def curl_command(server: Server, body: dict) -> str:
 # ------------------------------------------------------------------------ main
 
 
-def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = False) -> Reply:
+def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = False) -> Reply:
     """Send the conversation and the new question, show the reply, save the turn."""
     env, settings, server = chat.env, chat.settings, chat.server
     turns = chat.conversation.turns[:-1] if retry else chat.conversation.turns
@@ -2318,7 +2447,20 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
             read,
             env,
             trace,
-            json_object_fallback(body, settings.schema),
+            [
+                (
+                    SYSTEM_REFUSED,
+                    system_in_user,
+                    "the server refuses the system role; sending the system prompt at the start "
+                    "of the first user message",
+                ),
+                (
+                    FORMAT_REJECTED,
+                    lambda body: json_object_fallback(body, settings.schema),
+                    "the server rejects this response_format; sending it as "
+                    '{"type": "json_object", "schema": ...}',
+                ),
+            ],
         )
         if not reply.streamed:
             output.reasoning(reply.reasoning)
@@ -2338,6 +2480,8 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
             )
         elif isinstance(error, TimedOut) and settings.reasoning_effort:
             error.hint = "(a long think may need --stream or a larger --timeout)"
+        elif isinstance(error, ApiError):
+            error.hint = refusal_hint(str(error), body) or error.hint
         raise
     finally:
         output.finish(outcome)
@@ -2350,7 +2494,10 @@ def ask(chat: Chat, user_message: dict, images: list[str] = (), retry: bool = Fa
     if settings.schema:
         check_json_reply(reply.text, settings.schema)
     keep_turn(
-        chat.conversation, make_turn(body, user_message, reply, images, server.base_url), env, retry
+        chat.conversation,
+        make_turn(body, user_message, reply, attached, server.base_url),
+        env,
+        retry,
     )
     return reply
 
@@ -2411,7 +2558,13 @@ def run(args: argparse.Namespace, env: Env) -> int:
     saving = not args.no_save and env.get("CHAT_PY_NO_SAVE") in ("", "0")
     conversation = open_conversation(args, folder, saving, env)
     piped = read_piped_stdin(env)
-    files = [file_block(path, read_text_file(path, env)) for path in args.file]
+    # (source, a text block or a content part, a note for -v) for each -f and --image, in order
+    attached = [
+        (source, *attachment(source, args.detail, env, image)) for source, image in args.attach
+    ]
+    files = [item for _, item, _ in attached if isinstance(item, str)]
+    parts = [item for _, item, _ in attached if isinstance(item, dict)]
+    names = [source for source, item, _ in attached if isinstance(item, dict)]
     interactive = not args.question and piped is None and not args.curl
     question = build_question(args.question, piped, files)
     if not question and not interactive:
@@ -2419,16 +2572,12 @@ def run(args: argparse.Namespace, env: Env) -> int:
     if not args.curl:
         check_key(server, env)
     settings = make_settings(args, env, server, conversation, interactive)
-    images = [image_url(source, args.detail, env) for source in args.image]  # (URL, a note for -v)
     if args.verbose:
-        for _, note in images:
+        for _, _, note in attached:
             env.say(f"* {note}")
-    image_urls = [url for url, _ in images]
     if args.curl:
         messages = build_messages(
-            conversation.turns,
-            build_user_message(question, image_urls, args.detail),
-            settings.system,
+            conversation.turns, build_user_message(question, parts), settings.system
         )
         env.write(curl_command(server, build_body(settings, messages, server.base_url)) + "\n")
         return ExitStatus.OK
@@ -2438,8 +2587,8 @@ def run(args: argparse.Namespace, env: Env) -> int:
     with requests.Session() as session:
         chat = Chat(env, server, settings, conversation, session)
         if interactive:
-            return converse(chat, files, args.image, image_urls, args.detail)
-        ask(chat, build_user_message(question, image_urls, args.detail), args.image)
+            return converse(chat, files, names, parts, args.detail)
+        ask(chat, build_user_message(question, parts), names)
     return ExitStatus.OK
 
 
@@ -2608,7 +2757,7 @@ def read_message(env: Env) -> str:
 
 
 def converse(
-    chat: Chat, files: list[str], sources: list[str], urls: list[str], detail: str | None
+    chat: Chat, files: list[str], names: list[str], parts: list[dict], detail: str | None
 ) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
     env, history = chat.env, os.path.join(chat.conversation.folder, HISTORY_FILE)
@@ -2651,9 +2800,9 @@ def converse(
             if not command:
                 text = line[1:] if line.startswith("//") else line
                 now = (
-                    ([], [], []) if attached else (files, urls, sources)
-                )  # files, URLs, image sources
-                last = build_user_message(build_question([], text, now[0]), now[1], detail), now[2]
+                    ([], [], []) if attached else (files, parts, names)
+                )  # text blocks, parts, the parts' names
+                last = build_user_message(build_question([], text, now[0]), now[1]), now[2]
             turns = chat.conversation.turns
             try:
                 ask(

@@ -150,11 +150,11 @@ class TestSaving:
         assert [part["type"] for part in sent["content"]] == ["text", "image_url", "image_url"]
         [[saved_turn]] = saved().values()
         assert saved_turn["user"] == sent
-        assert saved_turn["images"] == ["red.png", url]  # as the user gave them
+        assert saved_turn["attachments"] == ["red.png", url]  # as the user gave them
         assert saved_turn["answered_by"] == "test-model"
         assert cli("--base-url", server.url, "-c", "Sure?").code == 0
         assert server.bodies[1]["messages"][0] == sent  # the model still sees the pictures
-        assert "images" not in saved()[files()[0].stem][1]
+        assert "attachments" not in saved()[files()[0].stem][1]
 
     def test_the_key_and_url_secrets_are_never_written(self, cli, server):
         server.reply(

@@ -192,7 +192,9 @@ class TestTurns:
             {"role": "assistant", "content": "a red square"},
             {"role": "user", "content": "sure?"},
         ]
-        assert sorted([turn.get("images") for turn in turns] for turns in saved().values()) == [
+        assert sorted(
+            [turn.get("attachments") for turn in turns] for turns in saved().values()
+        ) == [
             [["pic.png"]],
             [["pic.png"], None],
         ]

@@ -466,12 +466,13 @@ class TestFiles:
             (
                 "blob.bin",
                 b"\x00\x01binary",
-                "cannot add blob.bin: it is not a text file (it holds NUL bytes)",
+                "cannot add blob.bin: it is not text (it holds NUL bytes), nor a file chat.py can "
+                "send (images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF files, audio (WAV, MP3))",
             ),
             (
                 "photo.png",
                 b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR",
-                "cannot add photo.png: it is not a text file (it holds NUL bytes) (attach pictures with --image)",
+                "cannot decode image photo.png: Truncated File Read",  # a PNG, by its first bytes
             ),
             (
                 "big.txt",
