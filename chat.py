@@ -49,6 +49,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # for minutes (600 s is the official OpenAI SDK's default). Connecting never needs that long.
 DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 15.0
+MAX_TIMEOUT = 1e9  # seconds, 31 years: a longer --timeout means the same, and overflows a socket's
 DEFAULT_RETRIES = 2
 USER_AGENT = f"chat.py/{__version__}"
 INITIAL_RETRY_DELAY, MAX_RETRY_DELAY = 0.5, 8.0  # seconds; the delay doubles on each retry
@@ -163,8 +164,15 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 # not followed by a newline, DEL, and the C1 controls.
 CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 CONTEXT_OVERFLOW = re.compile(
-    r"context_length_exceeded|exceeds the available context size|"
-    r"maximum context length|context window|context length",
+    r"context_length_exceeded|context size|maximum context length|context window|context length|"
+    r"total length of all messages",
+    re.I,
+)
+COMPLETION_BUDGET = re.compile(r"in the completion|max_(completion_|new_)?tokens", re.I)
+# An error that says the request itself can never work, whatever its status (llama.cpp answers
+# "image input is not supported" and "tools param requires --jinja flag" with a 500).
+REQUEST_CANNOT_WORK = re.compile(
+    r"invalid_request_error|not_supported_error|is not supported|requires --\w|--\w[\w-]* flag",
     re.I,
 )
 # Reasoning in every shape a reply carries it: these fields of a message or a stream delta (the
@@ -355,6 +363,8 @@ class Env:
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
         self.spinner: Spinner | None = None
         self.styled = self.stderr_tty  # whether stderr obeys chat.py's styling and spinner
+        # On a terminal, stderr's lines wait while a line of the reply is open on stdout.
+        self.mid_line, self.held = False, []
 
     @classmethod
     def of_process(cls) -> Env:
@@ -385,9 +395,22 @@ class Env:
     def write(self, text: str) -> None:
         """Text for stdout: exactly as given into a pipe or file, made visible on a terminal."""
         self.stdout.write(visible(text) if self.stdout_tty else text)
+        if self.stdout_tty and text:
+            self.mid_line = not text.endswith("\n")
+            if not self.mid_line:
+                self.release()
+
+    def release(self) -> None:
+        """The stderr lines held back while a reply's line was open."""
+        held, self.held, self.mid_line = self.held, [], False
+        for line in held:
+            self.say(line)
 
     def say(self, line: str) -> None:
         """One line on stderr, secrets redacted, control characters visible; a spinner goes on below."""
+        if self.mid_line and self.stderr_tty:
+            self.held.append(line)
+            return
         spinning = self.stop_spinner()
         self.stderr.write(visible(redact(line, self.secrets)) + "\n")
         self.stderr.flush()
@@ -500,10 +523,16 @@ class Chat:
     """What every question of a run shares."""
 
     def __init__(
-        self, env: Env, server: Server, settings: Settings, conversation: Conversation, session=None
+        self,
+        env: Env,
+        server: Server,
+        settings: Settings,
+        conversation: Conversation,
+        session=None,
+        interactive: bool = False,
     ):
         self.env, self.server, self.settings = env, server, settings
-        self.conversation, self.session = conversation, session
+        self.conversation, self.session, self.interactive = conversation, session, interactive
 
 
 # ------------------------------------------------------------------ builders
@@ -676,11 +705,19 @@ def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
             body.pop(key, None)
         else:
             body[key] = value
+    try:  # what requests would refuse to send, found before anything is sent
+        json.dumps(body, allow_nan=False)
+    except (ValueError, RecursionError):
+        raise UsageError(
+            "the request cannot be written as JSON: it holds NaN or Infinity (from -o or a saved "
+            "turn), or is nested too deeply"
+        ) from None
     return body
 
 
 def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
-    """-o KEY VALUE pairs, VALUE as JSON when it parses (NaN is no JSON), else as text."""
+    """-o KEY VALUE pairs, VALUE as JSON when it parses (NaN is no JSON), else as text; a VALUE
+    that starts like JSON but breaks is a usage error."""
 
     def refuse(constant: str):
         raise ValueError(constant)
@@ -691,7 +728,19 @@ def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
             raise UsageError(f"-o {key}: chat.py builds '{key}' itself")
         try:
             options.append((key, json.loads(text, parse_constant=refuse)))
-        except ValueError:
+        except RecursionError:
+            raise UsageError(f"-o {key}: the JSON is nested too deeply") from None
+        except ValueError as exc:
+            if text.lstrip().startswith(("[", "{", '"')):
+                where = (
+                    f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+                    if isinstance(exc, json.JSONDecodeError)
+                    else f"{exc} is not JSON"
+                )
+                raise UsageError(
+                    f"-o {key}: the value is not valid JSON ({where})",
+                    hint="(to send text that starts so, write it as a JSON string: '\"...\"')",
+                ) from None
             options.append((key, text))
     return options
 
@@ -727,7 +776,7 @@ def short_schema(spec: str) -> dict:
 
 def parse_schema(spec: str, env: Env) -> dict:
     """--schema SPEC as a JSON Schema: inline JSON, @file.json, or the short form."""
-    text = spec
+    text, option = spec, f"--schema {spec}" if spec.startswith("@") else "--schema"
     if spec.startswith("@"):
         try:
             with open(env.path(spec[1:]), "rb") as file:
@@ -739,9 +788,13 @@ def parse_schema(spec: str, env: Env) -> dict:
     try:
         schema = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"--schema is not valid JSON: {exc}") from None
+        raise UsageError(f"{option} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{option} is nested too deeply") from None
     if not isinstance(schema, dict):
-        raise UsageError("--schema must be a JSON Schema object, or fields such as 'name, age int'")
+        raise UsageError(
+            f"{option} must be a JSON Schema object, or fields such as 'name, age int'"
+        )
     return schema
 
 
@@ -934,9 +987,16 @@ def refuse_other_origins(response, **_) -> None:
         )
 
     if response.is_redirect:
-        target = urljoin(response.url, response.headers["location"])
-        if origin(target) != origin(response.url):
-            response.close()
+        response.close()  # its body is not needed; requests fails badly reading a broken one
+        try:
+            target = urljoin(response.url, response.headers["location"])
+            elsewhere = origin(target) != origin(response.url)
+        except ValueError:  # http://[::1 or a port that is no number
+            raise ApiError(
+                "the server redirected the request to an address that is not a URL: "
+                + response.headers["location"]
+            ) from None
+        if elsewhere:
             raise ApiError(
                 f"the server redirected the request to {shown_url(target)}; chat.py "
                 f"follows redirects only within {host_of(response.url)}"
@@ -1046,22 +1106,42 @@ def innermost(exc: BaseException) -> BaseException:
     return exc
 
 
+def failed_in_handshake(exc: BaseException) -> bool:
+    """Whether an error arose in the TLS handshake, before any HTTP was sent."""
+    import traceback
+
+    return any(
+        frame.f_code.co_name == "do_handshake" for frame, _ in traceback.walk_tb(exc.__traceback__)
+    )
+
+
 def chat_error(exc: Exception, server: Server) -> ChatError:
-    """What a failure of requests or urllib3 means. A read timeout is not worth a retry: the
-    server has the request."""
+    """What a failure of requests or urllib3 means, told in words: Python's own never reach the
+    line. Not worth a retry: a read timeout (the server has the request), a host that DNS says
+    does not exist, and https:// to a server that does not answer in TLS."""
     import http.client
     import socket
+    import ssl
 
     import requests
     import urllib3
 
     errors, host, inner = urllib3.exceptions, server.host, innermost(exc)
-    cause = inner.strerror if isinstance(inner, OSError) and inner.strerror else str(inner)
-    if isinstance(exc, requests.ConnectTimeout):
-        return TimedOut(
-            f"could not connect to {host} within {min(CONNECT_TIMEOUT, server.timeout):g} s",
-            retryable=True,
+    said = f": {inner.strerror}" if isinstance(inner, OSError) and inner.strerror else ""
+    connect_timeout = min(CONNECT_TIMEOUT, server.timeout)
+    reason = str(
+        getattr(inner, "reason", None) or ""
+    )  # an SSLError's, such as WRONG_VERSION_NUMBER
+    if failed_in_handshake(inner) and not (
+        isinstance(inner, ssl.SSLCertVerificationError) or "ALERT" in reason
+    ):  # no certificate, no TLS alert: the server's answer (or silence) is not TLS
+        waited = f" within {connect_timeout:g} s" if isinstance(inner, TimeoutError) else ""
+        return NetworkError(
+            f"{host} did not answer in TLS{waited}: is it a plain-HTTP server? try "
+            + shown_url(server.base_url.replace("https://", "http://", 1))
         )
+    if isinstance(exc, requests.ConnectTimeout):
+        return TimedOut(f"could not connect to {host} within {connect_timeout:g} s", retryable=True)
     if isinstance(exc, (requests.Timeout, errors.ReadTimeoutError)) or isinstance(
         inner, errors.ReadTimeoutError
     ):
@@ -1073,24 +1153,25 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
             hint="(pip install 'requests[socks]')",
         )
     if isinstance(exc, (requests.exceptions.SSLError, errors.SSLError)):
-        return NetworkError(f"TLS failure talking to {host}: {cause}")
+        why = getattr(inner, "verify_message", None) or reason.replace("_", " ").lower()
+        return NetworkError(f"TLS failure talking to {host}" + (f": {why}" if why else ""))
     if isinstance(inner, http.client.HTTPException) and not isinstance(
         inner, (ConnectionError, http.client.IncompleteRead)
     ):
-        return ApiError(f"{host} did not answer in HTTP: {cause!r}")
+        return ApiError(f"{host} did not answer in HTTP: {str(inner)!r}")
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, errors.ProtocolError)):
-        return NetworkError(
-            f"the connection to {host} broke off mid-reply: {cause}", retryable=True
-        )
+        return NetworkError(f"the connection to {host} broke off mid-reply{said}", retryable=True)
     if isinstance(exc, (requests.exceptions.ContentDecodingError, errors.DecodeError)):
-        return ApiError(f"cannot decode the reply from {host}: {cause}")
+        return ApiError(f"cannot decode the reply from {host}: its compressed body is damaged")
     if isinstance(exc, requests.TooManyRedirects):
         return ApiError(f"too many redirects from {host}")
     if isinstance(inner, socket.gaierror):
-        return NetworkError(f"cannot resolve host {host}: {cause}", retryable=True)
+        # EAI_NODATA is Linux's "no address for this name"; other systems do without it.
+        absent = inner.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+        return NetworkError(f"cannot resolve host {host}{said}", retryable=not absent)
     if isinstance(exc, requests.ConnectionError):
-        return NetworkError(f"cannot reach {host}: {cause}", retryable=True)
-    return NetworkError(f"request to {host} failed: {cause}")
+        return NetworkError(f"cannot reach {host}{said}", retryable=True)
+    return NetworkError(f"request to {host} failed{said}")
 
 
 def iter_body(response, server: Server):
@@ -1141,16 +1222,21 @@ def text_snippet(data: bytes | str) -> str:
     return " ".join(text.split())
 
 
-def error_message(payload) -> str:
-    """The message in an error body of any provider's shape, arrays (Gemini) and FastAPI's included."""
+def error_message(payload, depth: int = 0) -> str:
+    """The message in an error body of any provider's shape, arrays (Gemini) and FastAPI's included;
+    nothing deeper than any provider nests one."""
     if isinstance(payload, str):
         return payload
+    if depth > 8:
+        return ""
     if isinstance(payload, list):
-        return "; ".join(filter(None, (error_message(item) for item in payload[:5])))
+        return "; ".join(filter(None, (error_message(item, depth + 1) for item in payload[:5])))
     if isinstance(payload, dict) and isinstance(payload.get("loc"), list):
-        return f"{'.'.join(map(str, payload['loc']))}: {error_message(payload.get('msg'))}"
+        return (
+            f"{'.'.join(map(str, payload['loc']))}: {error_message(payload.get('msg'), depth + 1)}"
+        )
     for field in ("error", "message", "detail", "msg") if isinstance(payload, dict) else ():
-        if message := error_message(payload.get(field)):
+        if message := error_message(payload.get(field), depth + 1):
             return message
     return ""
 
@@ -1189,11 +1275,13 @@ def api_error(response, body: bytes) -> ApiError:
         message = error_message(json.loads(body))
     except (ValueError, RecursionError):
         message = ""
+    cannot_work = bool(message and REQUEST_CANNOT_WORK.search(text))  # said in JSON
     message = message or text_snippet(body)
     message = (
         f"{status}: {message}" if message and message.lower() not in status.lower() else status
     )
-    details = {"brief": f"HTTP {code}", "overflow": bool(CONTEXT_OVERFLOW.search(text))}
+    overflow = bool(CONTEXT_OVERFLOW.search(text))
+    details = {"brief": f"HTTP {code}", "overflow": overflow}
     if "insufficient_quota" in text:
         return ApiError(
             message,
@@ -1215,17 +1303,19 @@ def api_error(response, body: bytes) -> ApiError:
     retryable = (
         should_retry == "true"
         if should_retry in ("true", "false")
-        else code in RETRY_STATUSES or code >= 500
+        else code in RETRY_STATUSES or (code >= 500 and not (overflow or cannot_work))
     )
     wait = parse_retry_after(response.headers)
     if retryable and wait is not None and wait > MAX_RETRY_AFTER:
-        hint = f"(the server asks to wait {wait:.0f} s: try again after {clock_after(wait)})"
+        seconds = f"{wait:.0f}" if wait < 1e15 else f"{wait:.0e}"  # 1e308 has 309 digits
+        hint = f"(the server asks to wait {seconds} s: try again after {clock_after(wait)})"
         retryable = False
     return ApiError(message, code, hint=hint, retryable=retryable, retry_after=wait, **details)
 
 
 def backoff_delay(attempt: int, rand=None) -> float:
-    """0.5 s, 1 s, 2 s ... capped at 8 s, times a random factor in [0.75, 1]."""
+    """INITIAL_RETRY_DELAY doubled for each retry so far, at most MAX_RETRY_DELAY, times a random
+    factor in [0.75, 1]."""
     import random
 
     return min(INITIAL_RETRY_DELAY * 2**attempt, MAX_RETRY_DELAY) * (
@@ -1589,7 +1679,10 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     except (ValueError, RecursionError):
         chunk = None
     if event == "error" or isinstance(chunk, dict) and "error" in chunk:
-        raise ApiError(f"the server reported an error mid-stream: {error_message(chunk) or data}")
+        raise ApiError(
+            f"the server reported an error mid-stream: {error_message(chunk) or data}",
+            overflow=bool(CONTEXT_OVERFLOW.search(data)),
+        )
     if not isinstance(chunk, dict):
         raise ApiError(f"malformed event in the stream: {data!r}")
     if chunk.get("usage"):
@@ -1678,6 +1771,7 @@ class Output:
         ):
             self.env.stdout.write("\n")
         self.flush()
+        self.env.release()
 
 
 def stream_reply(response, server: Server, output: Output, trace: Trace | None) -> Reply:
@@ -1804,7 +1898,11 @@ def check_json_reply(text: str, schema: dict) -> None:
     except (ValueError, RecursionError) as exc:
         raise ApiError(f"the reply is not the JSON --schema asked for: {exc}") from None
     required = schema.get("required") if isinstance(schema.get("required"), list) else []
-    missing = [name for name in required if not (isinstance(value, dict) and name in value)]
+    missing = [
+        name
+        for name in required
+        if isinstance(name, str) and not (isinstance(value, dict) and name in value)
+    ]
     if missing:
         raise ApiError(
             f"the reply lacks the field{'s' if len(missing) > 1 else ''} "
@@ -2010,7 +2108,11 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
     """Append a turn as one line with one write, then fsync, to a 0600 file; no secret is written."""
     check_folder(conversation.folder)
     make_folder(conversation.folder)
-    data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode("utf-8")
+    # A lone surrogate (a reply's "\ud800", a byte of argv that is not UTF-8) is written as its
+    # JSON escape: inside a JSON string, as every non-ASCII character is, it reads back the same.
+    data = (redact(json.dumps(turn, ensure_ascii=False), secrets) + "\n").encode(
+        "utf-8", "backslashreplace"
+    )
     fd = open_private(conversation.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         make_private(fd)
@@ -2252,7 +2354,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--timeout",
-        type=number_type(float, "a number of seconds above 0", lambda value: value > 0),
+        type=lambda text: min(
+            number_type(float, "a number of seconds above 0", lambda value: value > 0)(text),
+            MAX_TIMEOUT,
+        ),
         default=DEFAULT_TIMEOUT,
         metavar="S",
         help="seconds to wait for each read (default: %(default)g)",
@@ -2414,6 +2519,24 @@ def curl_command(server: Server, body: dict) -> str:
 # ------------------------------------------------------------------------ main
 
 
+def overflow_hint(turns: int, interactive: bool, budget: bool) -> str:
+    """The way out of a full context: a shorter question, or fewer turns; a smaller --max-tokens
+    only where the request or the server counts tokens to write."""
+    if not turns:
+        way = "the question alone fills the model's context: shorten the question"
+    else:
+        way = (
+            f"this conversation's {plural(turns, 'turn')} and the question fill the model's "
+            "context: "
+            + (
+                "/undo drops the last turn, /reset starts a new conversation"
+                if interactive
+                else "start a new conversation (no -c)"
+            )
+        )
+    return f"({way}{', or set a smaller --max-tokens' if budget else ''})"
+
+
 def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = False) -> Reply:
     """Send the conversation and the new question, show the reply, save the turn."""
     env, settings, server = chat.env, chat.settings, chat.server
@@ -2468,15 +2591,10 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
         outcome = "complete"
     except ChatError as error:
         outcome = "failed"
-        if (
-            isinstance(error, ApiError) and error.overflow
-        ):  # advice for a full context, a long think
-            error.hint = (
-                f"(this conversation's {plural(len(turns), 'turn')} and the question fill the "
-                "model's context: start a new conversation (no -c), or set a smaller --max-tokens)"
-                if turns
-                else "(the question alone fills the model's context: shorten it, or "
-                "set a smaller --max-tokens)"
+        if isinstance(error, ApiError) and error.overflow:  # advice for a full context
+            budget = {"max_tokens", "max_completion_tokens"} & body.keys()
+            error.hint = overflow_hint(
+                len(turns), chat.interactive, bool(budget or COMPLETION_BUDGET.search(str(error)))
             )
         elif isinstance(error, TimedOut) and settings.reasoning_effort:
             error.hint = "(a long think may need --stream or a larger --timeout)"
@@ -2585,7 +2703,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
     import requests
 
     with requests.Session() as session:
-        chat = Chat(env, server, settings, conversation, session)
+        chat = Chat(env, server, settings, conversation, session, interactive)
         if interactive:
             return converse(chat, files, names, parts, args.detail)
         ask(chat, build_user_message(question, parts), names)
@@ -2814,7 +2932,7 @@ def converse(
             except KeyboardInterrupt:
                 env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
             except ChatError as exc:
-                env.error(exc, "(/retry to ask again)")
+                env.error(exc, "" if getattr(exc, "overflow", False) else "(/retry to ask again)")
     finally:
         if editing and chat.conversation.save:
             save_history(history, env)

@@ -109,15 +109,36 @@ def test_max_tokens_field_matches_whole_host_names(base_url, field):
     [
         ("0.5", 0.5),
         ("true", True),
-        ("[1, NaN]", "[1, NaN]"),
         ('"quoted"', "quoted"),
+        ('"[not JSON"', "[not JSON"),
         ("", ""),
-        ("{broken", "{broken"),
+        ("broken}", "broken}"),
         ("-Infinity", "-Infinity"),
     ],
 )
 def test_an_option_value_is_json_when_it_parses_else_text(text, value):
     assert chat.parse_options([["k", text]]) == [("k", value)]
+
+
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("[1, NaN]", "NaN is not JSON"),
+        ("{broken", "Expecting property name enclosed in double quotes at line 1 column 2"),
+        ('[{"type": "function"', "Expecting ',' delimiter at line 1 column 21"),
+        (' "open', "Unterminated string starting at at line 1 column 2"),
+    ],
+)
+def test_an_option_value_that_starts_like_json_but_breaks_is_a_usage_error(text, where):
+    with pytest.raises(chat.UsageError) as raised:
+        chat.parse_options([["tools", text]])
+    assert str(raised.value) == f"-o tools: the value is not valid JSON ({where})"
+    assert raised.value.hint == "(to send text that starts so, write it as a JSON string: '\"...\"')"
+
+
+def test_an_option_nested_past_the_recursion_limit_is_a_usage_error():
+    with pytest.raises(chat.UsageError, match="^-o tools: the JSON is nested too deeply$"):
+        chat.parse_options([["tools", "[" * 100_000]])
 
 
 class TestOneLine:
