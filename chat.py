@@ -49,7 +49,10 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # for minutes (600 s is the official OpenAI SDK's default). Connecting never needs that long.
 DEFAULT_TIMEOUT = 600.0
 CONNECT_TIMEOUT = 15.0
-MAX_TIMEOUT = 1e9  # seconds, 31 years: a longer --timeout means the same, and overflows a socket's
+MAX_DEPTH = 200  # levels of JSON in a request: far more than any uses, far less than Python's stack
+MAX_TIMEOUT = (
+    1e9  # seconds, 31 years: a longer --timeout means the same, and overflows a socket's timeout
+)
 DEFAULT_RETRIES = 2
 USER_AGENT = f"chat.py/{__version__}"
 INITIAL_RETRY_DELAY, MAX_RETRY_DELAY = 0.5, 8.0  # seconds; the delay doubles on each retry
@@ -164,8 +167,8 @@ BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 # not followed by a newline, DEL, and the C1 controls.
 CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 CONTEXT_OVERFLOW = re.compile(
-    r"context_length_exceeded|context size|maximum context length|context window|context length|"
-    r"total length of all messages",
+    r"context_length_exceeded|context (length|window)|exceeds the available context size|"
+    r"context size has been exceeded|total length of all messages",
     re.I,
 )
 COMPLETION_BUDGET = re.compile(r"in the completion|max_(completion_|new_)?tokens", re.I)
@@ -705,12 +708,25 @@ def build_body(settings: Settings, messages: list[dict], base_url: str) -> dict:
             body.pop(key, None)
         else:
             body[key] = value
-    try:  # what requests would refuse to send, found before anything is sent
-        json.dumps(body, allow_nan=False)
-    except (ValueError, RecursionError):
+    level, depth = [body], 0  # breadth first, so that no depth overflows the stack
+    while depth <= MAX_DEPTH and (
+        level := [
+            child
+            for each in level
+            if isinstance(each, (dict, list))
+            for child in (each.values() if isinstance(each, dict) else each)
+        ]
+    ):
+        depth += 1
+    if depth > MAX_DEPTH:
         raise UsageError(
-            "the request cannot be written as JSON: it holds NaN or Infinity (from -o or a saved "
-            "turn), or is nested too deeply"
+            f"the request nests deeper than {MAX_DEPTH} levels (from -o or a saved turn)"
+        )
+    try:
+        json.dumps(body, allow_nan=False)  # requests would refuse it later, as a network failure
+    except ValueError:
+        raise UsageError(
+            "the request holds NaN or Infinity (from -o or a saved turn), which JSON cannot carry"
         ) from None
     return body
 
@@ -720,7 +736,7 @@ def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
     that starts like JSON but breaks is a usage error."""
 
     def refuse(constant: str):
-        raise ValueError(constant)
+        raise ValueError(f"{constant} is no JSON number")
 
     options = []
     for key, text in pairs:
@@ -728,17 +744,11 @@ def parse_options(pairs: list[list[str]]) -> list[tuple[str, object]]:
             raise UsageError(f"-o {key}: chat.py builds '{key}' itself")
         try:
             options.append((key, json.loads(text, parse_constant=refuse)))
-        except RecursionError:
-            raise UsageError(f"-o {key}: the JSON is nested too deeply") from None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if text.lstrip().startswith(("[", "{", '"')):
-                where = (
-                    f"{exc.msg} at line {exc.lineno} column {exc.colno}"
-                    if isinstance(exc, json.JSONDecodeError)
-                    else f"{exc} is not JSON"
-                )
                 raise UsageError(
-                    f"-o {key}: the value is not valid JSON ({where})",
+                    f"-o {key} is not valid JSON: "
+                    + (str(exc) if isinstance(exc, ValueError) else "it is nested too deeply"),
                     hint="(to send text that starts so, write it as a JSON string: '\"...\"')",
                 ) from None
             options.append((key, text))
@@ -1129,9 +1139,7 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
     errors, host, inner = urllib3.exceptions, server.host, innermost(exc)
     said = f": {inner.strerror}" if isinstance(inner, OSError) and inner.strerror else ""
     connect_timeout = min(CONNECT_TIMEOUT, server.timeout)
-    reason = str(
-        getattr(inner, "reason", None) or ""
-    )  # an SSLError's, such as WRONG_VERSION_NUMBER
+    reason = str(getattr(inner, "reason", None) or "")  # an SSLError's: WRONG_VERSION_NUMBER ...
     if failed_in_handshake(inner) and not (
         isinstance(inner, ssl.SSLCertVerificationError) or "ALERT" in reason
     ):  # no certificate, no TLS alert: the server's answer (or silence) is not TLS
@@ -2226,7 +2234,7 @@ def show_conversation(path: str, env: Env) -> None:
         try:
             when = datetime.fromisoformat(str(turn.get("time")).replace("Z", "+00:00"))
             when = when.astimezone().strftime("%Y-%m-%d %H:%M")
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: year 1 in a zone west of UTC
             when = str(turn.get("time"))
         env.write(f"\nyou, {when}:\n{readable(turn)}\n")
         env.write(

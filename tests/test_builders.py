@@ -3,6 +3,7 @@ the question, file fences, URLs, hosts, -o values, one-line messages, keys, usag
 and retry timing. (What the command line shows of each is tested end to end elsewhere.)"""
 
 import email.utils
+import json
 
 import pytest
 
@@ -120,25 +121,33 @@ def test_an_option_value_is_json_when_it_parses_else_text(text, value):
     assert chat.parse_options([["k", text]]) == [("k", value)]
 
 
-@pytest.mark.parametrize(
-    "text, where",
-    [
-        ("[1, NaN]", "NaN is not JSON"),
-        ("{broken", "Expecting property name enclosed in double quotes at line 1 column 2"),
-        ('[{"type": "function"', "Expecting ',' delimiter at line 1 column 21"),
-        (' "open', "Unterminated string starting at at line 1 column 2"),
-    ],
-)
-def test_an_option_value_that_starts_like_json_but_breaks_is_a_usage_error(text, where):
+def json_error(text: str) -> str:
+    """What Python's json module says of text (its wording differs between Python versions)."""
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{text!r} is JSON")
+
+
+@pytest.mark.parametrize("text", ["{broken", '[{"type": "function"', ' "open', '{"a": 1}}'])
+def test_an_option_value_that_starts_like_json_but_breaks_is_a_usage_error(text):
     with pytest.raises(chat.UsageError) as raised:
         chat.parse_options([["tools", text]])
-    assert str(raised.value) == f"-o tools: the value is not valid JSON ({where})"
-    assert raised.value.hint == "(to send text that starts so, write it as a JSON string: '\"...\"')"
+    assert str(raised.value) == f"-o tools is not valid JSON: {json_error(text)}"
+    assert (
+        raised.value.hint == "(to send text that starts so, write it as a JSON string: '\"...\"')"
+    )
 
 
-def test_an_option_nested_past_the_recursion_limit_is_a_usage_error():
-    with pytest.raises(chat.UsageError, match="^-o tools: the JSON is nested too deeply$"):
-        chat.parse_options([["tools", "[" * 100_000]])
+@pytest.mark.parametrize(
+    "text, why",
+    [("[1, NaN]", "NaN is no JSON number"), ("[" * 100_000, "it is nested too deeply")],
+)
+def test_nan_or_nesting_past_the_recursion_limit_is_a_usage_error(text, why):
+    with pytest.raises(chat.UsageError) as raised:
+        chat.parse_options([["tools", text]])
+    assert str(raised.value) == f"-o tools is not valid JSON: {why}"
 
 
 class TestOneLine:

@@ -205,14 +205,18 @@ class TestSpec:
                 "--schema is not valid JSON: " + json_error('{"type": "object",}'),
             ),
             ("@missing.json", "cannot read the schema missing.json: No such file or directory"),
-            ("@broken.json", "--schema @broken.json is not valid JSON: " + json_error('{"a": 1 "b": 2}')),
+            (
+                "@broken.json",
+                "--schema @broken.json is not valid JSON: " + json_error('{"a": 1 "b": 2}'),
+            ),
             (
                 '["name", "age"]',
                 "--schema must be a JSON Schema object, or fields such as 'name, age int'",
             ),
             (
                 "@list.json",
-                "--schema @list.json must be a JSON Schema object, or fields such as 'name, age int'",
+                "--schema @list.json must be a JSON Schema object, "
+                "or fields such as 'name, age int'",
             ),
         ],
         ids=[
