@@ -35,6 +35,7 @@ import re
 import stat
 import sys
 import time
+from collections import namedtuple
 from enum import IntEnum
 from urllib.parse import urlsplit
 
@@ -88,12 +89,13 @@ MP3_FRAME = (
     + re.escape(bytes(byte for byte in range(0x10, 0xF0) if byte & 0x0C != 0x0C))
     + rb"]"
 )
-# The kinds of content part, by type: what --show and -v call one, what a hint calls them, the
-# formats -f sends as one and the first bytes it knows them by (the first kind that matches
-# wins), the words of a server's error about one, and how a file becomes the part's value
-# (text goes inline, images through Pillow). A new kind is a row here.
+# The kinds of content part, by type (a new kind is a row here): what --show and -v call one,
+# what a hint calls them, the formats -f sends as one, the first bytes -f knows them by (the
+# first kind that matches wins), the words of a server's error about one, and how a file's
+# name, bytes and Base64 become the part's value (text goes inline, images through Pillow).
+PartKind = namedtuple("PartKind", "word noun formats magic refused value")
 PART_KINDS = {
-    "image_url": (
+    "image_url": PartKind(
         "image",
         "images",
         "PNG, JPEG, GIF, WebP, BMP, TIFF",
@@ -101,7 +103,7 @@ PART_KINDS = {
         r"image",
         None,
     ),
-    "file": (
+    "file": PartKind(
         "file",
         "PDF files",
         "",
@@ -112,7 +114,7 @@ PART_KINDS = {
             "file_data": f"data:application/pdf;base64,{encoded}",
         },
     ),
-    "input_audio": (
+    "input_audio": PartKind(
         "audio",
         "audio",
         "WAV, MP3",
@@ -123,7 +125,7 @@ PART_KINDS = {
             "format": "wav" if data[:4] == b"RIFF" else "mp3",
         },
     ),
-    "text": ("text", "text", "", rb"[^\0]*\Z", None, None),
+    "text": PartKind("text", "text", "", rb"[^\0]*\Z", None, None),
 }
 # A server saying it cannot take some content part (llama-server: "unsupported content[].type").
 PART_REFUSED = re.compile(
@@ -930,7 +932,9 @@ def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
     return encode_image_file(source, detail, env)
 
 
-def attachment(source: str, detail: str | None, env: Env, image: bool = False):
+def attachment(
+    source: str, detail: str | None, env: Env, image: bool = False
+) -> tuple[str | dict, str]:
     """What -f SOURCE (image=True: --image) adds to the question, judged by the file's content:
     a text block (str) or a content part (dict); and a note for -v."""
     import base64
@@ -943,31 +947,25 @@ def attachment(source: str, detail: str | None, env: Env, image: bool = False):
             data = read_limited(file, source)
     except OSError as exc:
         raise UsageError(f"cannot read file {source}: {exc.strerror or exc}") from None
-    kind = next(
-        (
-            kind
-            for kind, row in PART_KINDS.items()
-            if re.match(row[3], data[:TEXT_SNIFF_BYTES], re.S)
-        ),
-        None,
-    )
-    if kind is None:
+    start = data[:TEXT_SNIFF_BYTES]
+    kind = next((kind for kind, row in PART_KINDS.items() if re.match(row.magic, start, re.S)), "")
+    if not kind:
         sendable = [
-            f"{noun} ({formats})" if formats else noun
-            for kind, (_, noun, formats, *_) in PART_KINDS.items()
+            f"{row.noun} ({row.formats})" if row.formats else row.noun
+            for kind, row in PART_KINDS.items()
             if kind != "text"
         ]
         raise UsageError(
-            f"cannot add {source}: it is not text (it holds NUL bytes), nor a file chat.py can "
-            f"send ({', '.join(sendable)})"
+            f"cannot add {source}: it is not text (it holds NUL bytes) and not one of the files "
+            f"chat.py can send: {', '.join(sendable)}"
         )
     if kind == "image_url":
         return attachment(source, detail, env, image=True)
-    note = f"{PART_KINDS[kind][0]} {source}: {len(data):,} bytes"
+    note = f"{PART_KINDS[kind].word} {source}: {len(data):,} bytes"
     if kind == "text":
-        return file_block(source, decode_utf8(data, source, env)), f"{note}, inline"
-    value = PART_KINDS[kind][5](source, data, base64.b64encode(data).decode("ascii"))
-    return {"type": kind, kind: value}, f"{note}, sent as a {kind} part"
+        return file_block(source, decode_utf8(data, source, env)), f"{note}; inline in the question"
+    value = PART_KINDS[kind].value(source, data, base64.b64encode(data).decode("ascii"))
+    return {"type": kind, kind: value}, f"{note}; sent as it is ({kind} part)"
 
 
 # ----------------------------------------------------------------- transport
@@ -1018,12 +1016,14 @@ def mask_key(key: str) -> str:
     return ("sk-" if key.startswith("sk-") else "") + "…" + (key[-4:] if len(key) >= 16 else "")
 
 
-def cut_strings(value):
+def cut_strings(value, key: str = ""):
     """A copy of a JSON value with Base64 elided and each long string cut to its start."""
     if isinstance(value, dict):
-        return {key: cut_strings(item) for key, item in value.items()}
+        return {name: cut_strings(item, name) for name, item in value.items()}
     if isinstance(value, list):
         return [cut_strings(item) for item in value]
+    if key == "data" and isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9+/]+=*", value):
+        return f"…({len(value):,} characters of Base64)"  # input_audio's, however short
     if isinstance(value, str):
         value = elide_base64(value)
         if len(value) > TRACE_STRING_CHARS:
@@ -1425,11 +1425,11 @@ def refusal_hint(message: str, body: dict) -> str:
         for part in entry["content"]
         if isinstance(part, dict)
     }
-    kinds = [kind for kind, row in PART_KINDS.items() if row[4] and kind in sent]
-    named = [kind for kind in kinds if re.search(PART_KINDS[kind][4], message, re.I)]
+    kinds = [kind for kind, row in PART_KINDS.items() if row.refused and kind in sent]
+    named = [kind for kind in kinds if re.search(PART_KINDS[kind].refused, message, re.I)]
     named = named or (kinds if PART_REFUSED.search(message) else [])
     return (
-        f"(this server may not take {' or '.join(PART_KINDS[kind][1] for kind in named)})"
+        f"(this server may not take {' or '.join(PART_KINDS[kind].noun for kind in named)})"
         if named
         else ""
     )
@@ -2213,7 +2213,7 @@ def readable(turn: dict) -> str:
     return "\n".join(
         [message_text(content) or ""]
         + [
-            f"[{PART_KINDS[part['type']][0]}: {elide_base64(str(name))}]"
+            f"[{PART_KINDS[part['type']].word}: {elide_base64(str(name))}]"
             for part, name in zip(parts, names, strict=True)
         ]
     )

@@ -22,6 +22,7 @@ import pytest
 import requests
 from conftest import saved
 from PIL import Image
+from test_files import pdf_bytes, wav_bytes
 
 pytestmark = pytest.mark.realmodel
 
@@ -305,6 +306,49 @@ def test_an_image_for_a_text_only_model(ask_model, server, tmp_path):
         assert "image input is not supported" in done.err and done.err.count("\n") == 1
     else:
         assert done.code == 0 and done.out.strip(), done.err
+
+
+# llama-cpp-python checks a request against its pydantic models, which know only text and image
+# parts, and answers with their errors in a 500: the line shows their start, the hint the rest.
+VALIDATION_ERRORS = (
+    "HTTP 500 Internal Server Error: 15 validation errors: {'type': 'literal_error', "
+    "'loc': ('body', 'messages', 0, 'ChatCompletionRequestSystemMessage', 'role'), 'msg': "
+    "\"Input should be 'system'\", 'input': 'user', 'ctx': {'expected': \"'system'\"}} {'type': "
+)
+
+
+@pytest.mark.parametrize(
+    "name, data, errors",
+    [
+        (
+            "paper.pdf",
+            pdf_bytes(),
+            {
+                "llama-server": "HTTP 400 Bad Request: unsupported content[].type",
+                "llama-cpp-python": f"{VALIDATION_ERRORS}'st…",
+            },
+        ),
+        (
+            "tone.wav",
+            wav_bytes(),
+            {
+                "llama-server": "HTTP 500 Internal Server Error: audio input is not supported - "
+                "hint: if this is unexpected, you may need to provide the mmproj",
+                "llama-cpp-python": f"{VALIDATION_ERRORS}'string…",
+            },
+        ),
+    ],
+)
+def test_a_document_or_a_recording_for_a_text_only_model(
+    ask_model, server, tmp_path, name, data, errors
+):
+    """Neither server takes a PDF or a WAV for Gemma 3 270M, each refusing in its own words;
+    chat.py adds the hint naming the part."""
+    (tmp_path / name).write_bytes(data)
+    done = ask_model("-f", name, "--max-tokens", "10", "--retries", "0", "What is this?")
+    hint = {"paper.pdf": "PDF files", "tone.wav": "audio"}[name]
+    error = f"error: {errors[server.name]} (this server may not take {hint})\n"
+    assert (done.code, done.out, done.err) == (1, "", error)
 
 
 @pytest.mark.parametrize(

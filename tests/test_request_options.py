@@ -466,8 +466,9 @@ class TestFiles:
             (
                 "blob.bin",
                 b"\x00\x01binary",
-                "cannot add blob.bin: it is not text (it holds NUL bytes), nor a file chat.py can "
-                "send (images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF files, audio (WAV, MP3))",
+                "cannot add blob.bin: it is not text (it holds NUL bytes) and not one of the files "
+                "chat.py can send: images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF files, "
+                "audio (WAV, MP3)",
             ),
             (
                 "photo.png",
