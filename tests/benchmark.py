@@ -3,15 +3,15 @@
     python tests/benchmark.py            # a few minutes on 2 cores
     python tests/benchmark.py --runs 3   # quicker, noisier
     python tests/benchmark.py --instructions   # also count instructions with valgrind (+1 min)
-    python tests/benchmark.py --suite    # also time the test suite, realmodel tests left out (+30 s)
+    python tests/benchmark.py --suite    # also time the suite, realmodel tests left out (+30 s)
 
 Starts its own OpenAI-compatible emitter on 127.0.0.1 and prints, for each measure, the median
 over several runs of chat.py and of its floor measured in the same run, side by side. Not part
 of the pytest run: tests assert behaviour, this reports ratios.
 
 What it measures: start-up; one question; what saving a turn costs; listing 1,000 saved
-conversations; a stream's lag, and its CPU over 20,000 small deltas; one SSE event line of 25 and
-of 50 MB (wall time against the course's loop, stopped after COURSE_CAP seconds as its
+conversations; a stream's lag, and its CPU over 20,000 small deltas (whole, and beyond a
+1-delta stream's); one SSE event line of 25 and of 50 MB (wall time against the course's loop, stopped after COURSE_CAP seconds as its
 iter_lines is quadratic in a line's length; peak RSS against `import requests` plus the line
 held once; the time beyond start-up at 50 MB against 25 MB, 2x when reading is linear); 16 MB
 of tool-call arguments in 100-character pieces against as many text deltas, both through chat.py;
@@ -57,7 +57,8 @@ COURSE_ONE_QUESTION = """
 import requests, sys
 response = requests.post(sys.argv[1] + "/chat/completions",
                          headers={"Authorization": "Bearer " + sys.argv[2]},
-                         json={"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}]},
+                         json={"model": "gpt-5.4-mini",
+                               "messages": [{"role": "user", "content": "q"}]},
                          timeout=60)
 print(response.json()["choices"][0]["message"]["content"])
 """
@@ -67,7 +68,8 @@ COURSE_STREAM = """
 import json, requests, sys
 response = requests.post(sys.argv[1] + "/chat/completions",
                          headers={"Authorization": "Bearer " + sys.argv[2]},
-                         json={"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}],
+                         json={"model": "gpt-5.4-mini",
+                               "messages": [{"role": "user", "content": "q"}],
                                "stream": True},
                          stream=True, timeout=60)
 for line in response.iter_lines():
@@ -81,7 +83,7 @@ for line in response.iter_lines():
 print()
 """
 
-# The course's image step: open, thumbnail to 1024x1024, JPEG, Base64 (requests imported to send it).
+# The course's image step: open, thumbnail to 1024x1024, JPEG, Base64 (requests imported to send).
 COURSE_IMAGE = """
 import base64, io, sys, requests
 from PIL import Image
@@ -112,7 +114,8 @@ def timed(save):
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
 def bare(name):
-    fd = os.open(os.path.join(folder, name + ".jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    path = os.path.join(folder, name + ".jsonl")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.write(fd, line)
     os.fsync(fd)
     os.close(fd)
@@ -322,7 +325,9 @@ def stream_arrivals(args: list[str], emitter: Emitter) -> tuple[list[float], flo
         buffer += data
         arrivals += [now] * (buffer.count(b">") - len(arrivals))
     process.wait()
-    return [arrival - sent for arrival, sent in zip(arrivals, emitter.send_times)], first_byte
+    return [
+        arrival - sent for arrival, sent in zip(arrivals, emitter.send_times, strict=False)
+    ], first_byte
 
 
 def instructions(args: list[str]) -> int:
@@ -348,7 +353,7 @@ def prepare_image(args: list[str]) -> tuple[float, int, int]:
 
 def median_of(runs: int, measure):
     results = [measure() for _ in range(runs)]
-    return [statistics.median(values) for values in zip(*results)]
+    return [statistics.median(values) for values in zip(*results, strict=True)]
 
 
 MAKE_IMAGES = """
@@ -504,7 +509,7 @@ def main() -> int:
             run_measured([PYTHON, "-c", COURSE_ONE_QUESTION, emitter.url, KEY])[0],
         ),
     )
-    row("one question, wall time", ours * 1000, floor * 1000, "ms", "<= 1.05x")
+    row("one question, wall time", ours * 1000, floor * 1000, "ms", "<= 1.00x")
 
     # 2b. what saving the turn costs: the same question, saved and with --no-save, the median of
     # the differences of many back-to-back pairs (wall time on a shared VM jitters by +-15 ms)
@@ -515,7 +520,7 @@ def main() -> int:
         first, second = (saved, unsaved) if n % 2 else (unsaved, saved)
         times = {id(first): run_measured(first)[0], id(second): run_measured(second)[0]}
         pairs.append((times[id(saved)], times[id(unsaved)]))
-    ours, floor = (statistics.median(side) for side in zip(*pairs))
+    ours, floor = (statistics.median(side) for side in zip(*pairs, strict=True))
     difference = statistics.median(a - b for a, b in pairs)
     row(
         "one question: saved vs `--no-save`",
@@ -595,9 +600,31 @@ def main() -> int:
         assert out == expected, "output differs from what was sent"
         return (cpu_seconds,)
 
-    ours = median_of(runs, lambda: cpu([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]))
-    floor = median_of(runs, lambda: cpu([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]))
-    row("stream: 20,000 deltas, process CPU", ours[0] * 1000, floor[0] * 1000, "ms", "<= 1.00x")
+    chat_args = [PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"]
+    course_args = [PYTHON, "-c", COURSE_STREAM, emitter.url, KEY]
+    ours = median_of(runs, lambda: cpu(chat_args))
+    floor = median_of(runs, lambda: cpu(course_args))
+    row("stream: 20,000 deltas, process CPU", ours[0] * 1000, floor[0] * 1000, "ms", "")
+    # What the deltas cost: the same runs minus a one-delta stream's (start-up, compiling
+    # chat.py included), each side the median of paired differences.
+    deltas = emitter.deltas
+
+    def per_delta(args):
+        emitter.deltas = deltas
+        many = run_measured(args)[1]
+        emitter.deltas = ["x"]
+        return (many - run_measured(args)[1],)
+
+    ours = median_of(runs, lambda: per_delta(chat_args))
+    floor = median_of(runs, lambda: per_delta(course_args))
+    emitter.deltas = deltas
+    row(
+        "stream: 20,000 deltas, process CPU beyond a 1-delta stream",
+        ours[0] * 1000,
+        floor[0] * 1000,
+        "ms",
+        "<= 1.00x",
+    )
     if options.instructions:
         stream_ours = instructions([PYTHON, CHAT, "--base-url", emitter.url, "--stream", "q"])
         stream_floor = instructions([PYTHON, "-c", COURSE_STREAM, emitter.url, KEY])
