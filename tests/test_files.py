@@ -234,6 +234,46 @@ class TestWhatTheServerReceives:
         assert local["image_url"]["url"] == f"data:image/png;base64,{b64(png_bytes())}"
 
 
+@pytest.mark.parametrize(
+    "start, judged",
+    [
+        (b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "image"),
+        (b"\xff\xd8\xff\xe0\0\x10JFIF\0", "image"),
+        (b"GIF87a\x01\0\x01\0", "image"),
+        (b"RIFF\x1a\0\0\0WEBPVP8 ", "image"),
+        (b"BM\x3a\0\0\0\0\0\0\0\x36\0", "image"),
+        (b"II*\0\x08\0\0\0\0\0\0\0\0\0", "image"),
+        (b"MM\0*\0\0\0\x08\0\0\0\0\0\0", "image"),
+        (b"%PDF-1.7\n%\xe2\xe3", "file"),
+        (b"RIFF\x24\0\0\0WAVEfmt ", "wav"),
+        (b"ID3\x03\0\0\0\0\0\x0a", "mp3"),
+        (b"\xff\xfb\x90\x64\0\0", "mp3"),  # MPEG-1 layer III, 128 kbit/s, 44.1 kHz
+        (b"\xff\xf3\x48\xc4\0\0", "mp3"),  # MPEG-2, 32 kbit/s, 16 kHz
+        (b"\xff\xe3\x18\xc4\0\0", "mp3"),  # MPEG-2.5, 8 kbit/s, 8 kHz
+        (b"\xff\xfb\xf0\x64\0\0", None),  # bitrate index 15: no frame
+        (b"\xff\xfb\x9c\x64\0\0", None),  # sample rate index 3: no frame
+        (b"\xff\xfd\x90\x64\0\0", None),  # layer II
+        (b"RIFF\x24\0\0\0AVI LIST", None),
+        (b"\xff\xfeh\0i\0", None),  # UTF-16 text: NUL bytes
+    ],
+)
+def test_each_kind_is_known_by_its_first_bytes(tmp_path, start, judged):
+    """The first kind whose first bytes match: an image goes on to Pillow (which cannot decode a
+    header alone), a PDF or audio becomes its part, anything else is refused."""
+    write(tmp_path, "x", start)
+    env = chat.Env(cwd=str(tmp_path))
+    if judged in ("file", "wav", "mp3"):
+        part, _ = chat.attachment("x", None, env)
+        assert part == (pdf_part("x", start) if judged == "file" else audio_part(start, judged))
+        return
+    with pytest.raises(chat.UsageError) as refused:
+        chat.attachment("x", None, env)
+    if judged == "image":
+        assert str(refused.value).startswith("cannot decode image x: ")
+    else:
+        assert str(refused.value).startswith("cannot add x: it is not text")
+
+
 class TestRefused:
     @pytest.mark.parametrize(
         "name, data",
@@ -536,18 +576,27 @@ class TestSystemRoleFallback:
 REPLAYS = Path(__file__).parent / "replays"
 
 
-def test_tools_with_reasoning_get_the_way_out(cli, server):
+@pytest.mark.parametrize(
+    "message",
+    [
+        None,  # the replay's: gpt-5.6's wording
+        # the earlier wording, for gpt-5.4, quoted in pipecat-ai/pipecat#4043's error log
+        "Function tools with reasoning_effort are not supported for gpt-5.4 in "
+        "/v1/chat/completions. Please use /v1/responses instead.",
+    ],
+)
+def test_tools_with_reasoning_get_the_way_out(cli, server, message):
     """OpenAI's 400 for function tools on /chat/completions with a reasoning model (replayed from
     tests/replays/, which names its source): its message, then the option that helps."""
     replay = json.loads((REPLAYS / "openai-error-400-tools-with-reasoning.json").read_text())
-    server.reply(json_response(replay["body"].encode(), replay["status"]))
+    body = json.loads(replay["body"])
+    body["error"]["message"] = message or body["error"]["message"]
+    server.reply(json_response(json.dumps(body, indent=2).encode(), replay["status"]))
     done = cli("--base-url", server.url, *replay["args"], "q")
     assert (done.code, done.out, done.err) == (
         1,
         "",
-        "error: HTTP 400 Bad Request: Function tools with reasoning_effort are not supported for "
-        "gpt-5.6-sol in /v1/chat/completions. To use function tools, use /v1/responses or set "
-        "reasoning_effort to 'none'. (for -o tools on /chat/completions add "
-        "--reasoning-effort none, or use the Responses API)\n",
+        f"error: HTTP 400 Bad Request: {body['error']['message']} (for -o tools on "
+        "/chat/completions add --reasoning-effort none, or use the Responses API)\n",
     )
     assert len(server.requests) == 1
