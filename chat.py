@@ -77,6 +77,7 @@ IGNORED_IN_DOTENV = re.compile(
 # (and "auto") keeps 2048 px on the long side and 1536 patches of 32x32.
 LOW_DETAIL_BOX, HIGH_DETAIL_LONG_SIDE, HIGH_DETAIL_PIXELS = 512, 2048, 1536 * 32 * 32
 JPEG_QUALITY = 85
+MAX_DECODED = 128 * 2**20  # bytes of pixels Pillow may decode: converting takes a few times more
 # The formats the API takes as they are, and their plain 8-bit modes: a file like this can be
 # sent byte for byte (16-bit, CMYK and other modes are converted).
 PLAIN_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
@@ -153,6 +154,7 @@ SYSTEM_REFUSED = re.compile(
 TOOLS_WITH_REASONING = re.compile(r"function tools with reasoning_effort are not supported", re.I)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+TURN_TEXTS = ("time", "model", "system", "answered_by")  # fields of a saved turn that are text
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
 RETRY_LINE_START = b'{"retry": true'
 HISTORY_FILE, HISTORY_LINES = (
@@ -161,13 +163,22 @@ HISTORY_FILE, HISTORY_LINES = (
 )  # conversation mode's line history, in the state folder
 
 READ_SIZE = 64 * 1024  # most bytes taken from the socket per read
+MAX_TOOL_CALLS = 1000  # in one reply; their names, ids and arguments count toward MAX_REPLY too
 LINE_CHARS, BANNER_CHARS = 300, 80  # the longest error: or warning: line, banner line
 TRACE_STRING_CHARS, TRACE_TEXT_CHARS = 500, 2000  # -v cuts a JSON body's strings, or other text
 DATA_URL = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)([A-Za-z0-9+/=]+)")
 BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 # What a terminal would obey as a command: C0 controls but newline and tab, a carriage return
-# not followed by a newline, DEL, and the C1 controls.
-CONTROL_CHARS = re.compile(r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# not followed by a newline, DEL, and the C1 controls; and what it would not show as it is: the
+# format characters (Unicode's category Cf: bidi overrides, zero-width and tag characters ...)
+# and the line and paragraph separators.
+CONTROL_CHARS = re.compile(
+    r"\r(?!\n)|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891"
+    r"\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0000-\U000e007f]"
+)
+TAG_CHARS = re.compile(r"[\U000e0000-\U000e007f]")  # invisible ASCII, each, that a model reads
 CONTEXT_OVERFLOW = re.compile(
     r"context_length_exceeded|context (length|window)|exceeds the available context size|"
     r"context size has been exceeded|total length of all messages",
@@ -283,8 +294,11 @@ def one_line(message: str, secrets: tuple[str, ...] = (), room: int = LINE_CHARS
 
 
 def visible(text: str) -> str:
-    """text with each character a terminal would obey as a command shown as an escape (\\x1b)."""
-    return CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+    """text with each character a terminal would obey as a command, or would not show, as an
+    escape (\\x1b, \\u202e)."""
+    return CONTROL_CHARS.sub(
+        lambda match: "\\x0d" if match[0] == "\r" else ascii(match[0])[1:-1], text
+    )
 
 
 def host_of(url: str) -> str:
@@ -597,6 +611,16 @@ def build_question(words: list[str], piped: str | None, files: list[str] = ()) -
     return "\n\n".join(part for part in (question, piped, *files) if part)
 
 
+def open_input(path: str):
+    """A file to read, binary; only a regular file: a FIFO (opened without waiting), a device or
+    a folder is an OSError, at once."""
+    file = open(os.open(path, nonblocking(os.O_RDONLY)), "rb")
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
+        raise OSError(0, "not a regular file")
+    return file
+
+
 def read_limited(file, source: str) -> bytes:
     """All of a file or stream up to MAX_INPUT bytes; beyond that a usage error, read no further."""
     data = file.read(MAX_INPUT + 1)
@@ -632,7 +656,12 @@ def read_piped_stdin(env: Env) -> str | None:
 
 def file_block(path: str, text: str) -> str:
     """The path, then the text in a code fence longer than any run of backticks inside it."""
-    fence = "`" * max(3, max(map(len, re.findall("`+", text)), default=0) + 1)
+    # A binary search for the shortest run not in text: a few passes over it, whatever it holds.
+    low, high = 2, len(text) + 3  # fences: low is too short (or not), high long enough
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if "`" * middle in text else (low, middle)
+    fence = "`" * high
     if text and not text.endswith("\n"):
         text += "\n"
     return f"{path}\n{fence}\n{text}{fence}"
@@ -791,7 +820,7 @@ def parse_schema(spec: str, env: Env) -> dict:
     text, option = spec, f"--schema {spec}" if spec.startswith("@") else "--schema"
     if spec.startswith("@"):
         try:
-            with open(env.path(spec[1:]), "rb") as file:
+            with open_input(env.path(spec[1:])) as file:
                 text = decode_utf8(read_limited(file, spec[1:]), spec[1:], env)
         except OSError as exc:
             raise UsageError(f"cannot read the schema {spec[1:]}: {exc.strerror or exc}") from None
@@ -847,18 +876,17 @@ def why_not_as_is(image) -> str | None:
 
 
 def shrink_image(image, detail: str | None):
-    """Downscale (never upscale) to fit_size, in the stored orientation (EXIF may turn it)."""
+    """Downscale (never upscale) to fit_size, before anything else decodes it (a PNG's getexif()
+    would). fit_size is the same whichever way EXIF turns the image."""
     from PIL import Image
 
-    turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # these orientations swap the sides
-    target = fit_size(image.size[::-1] if turned else image.size, detail)
-    stored_target = target[::-1] if turned else target
-    if stored_target != image.size:
-        image.draft(
-            None, stored_target
-        )  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
-        image = image.resize(stored_target, Image.Resampling.BICUBIC)
-    return image
+    target = fit_size(image.size, detail)
+    if target != image.size:
+        image.draft(None, target)  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
+    # Pillow holds a pixel in 1 byte, or in 4 for every mode of more bands or bits (I;16: 2).
+    if image.width * image.height * (1 if image.mode in ("1", "L", "P") else 4) > MAX_DECODED:
+        raise Image.DecompressionBombError(f"{image.width}x{image.height} {image.mode}")
+    return image.resize(target, Image.Resampling.BICUBIC) if target != image.size else image
 
 
 def encode_image(image) -> tuple[str, bytes]:
@@ -890,29 +918,37 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
     from PIL import Image, ImageOps
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's: corrupt EXIF ...
+            warnings.simplefilter("always")
             # Pillow only warns between 89 and 179 megapixels; any of those is a bomb to us.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open(env.path(path), "rb") as file, Image.open(file) as image:
+            # Only the raster formats Pillow decodes itself: for EPS it would run Ghostscript.
+            formats = PART_KINDS["image_url"].formats.upper().split(", ")
+            with open_input(env.path(path)) as file, Image.open(file, formats=formats) as image:
                 source = f"{image.width}x{image.height} {image.format} {image.mode}"
-                kind, reason = image.format, why_not_as_is(image)
                 prepared = ImageOps.exif_transpose(shrink_image(image, detail))
+                kind, reason = image.format, why_not_as_is(image)
                 mime, data = encode_image(prepared)
                 size = os.fstat(file.fileno()).st_size
                 file.seek(0)
                 original = file.read() if reason is None and size <= len(data) else None
     except Image.UnidentifiedImageError:
-        raise UsageError(f"cannot decode image {path}: not an image format Pillow knows") from None
+        raise UsageError(
+            f"{path} is not an image chat.py can send ({PART_KINDS['image_url'].formats})"
+        ) from None
     except OSError as exc:
         if exc.strerror:  # the file itself: missing, a directory, no permission
             raise UsageError(f"cannot read image {path}: {exc.strerror}") from None
         raise UsageError(f"cannot decode image {path}: {exc}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UsageError(
-            f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)"
+            f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels, or "
+            f"{MAX_DECODED // 2**20} MiB decoded)"
         ) from None
     except Exception as exc:  # Pillow's decoders raise many types on damaged files
         raise UsageError(f"cannot decode image {path}: {exc}") from None
+    for warning in caught:
+        env.warn(f"image {path}: {warning.message}")
     if original is not None:
         sent = f"sent as it is (re-encoded it would take {len(data):,} bytes)"
         mime, data = Image.MIME[kind], original
@@ -943,7 +979,7 @@ def attachment(
         url, note = image_url(source, detail, env)
         return {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}, note
     try:
-        with open(env.path(source), "rb") as file:
+        with open_input(env.path(source)) as file:
             data = read_limited(file, source)
     except OSError as exc:
         raise UsageError(f"cannot read file {source}: {exc.strerror or exc}") from None
@@ -1201,12 +1237,18 @@ def iter_body(response, server: Server):
 
 
 def read_body(response, server: Server, limit: int = MAX_REPLY) -> bytes:
-    """The whole body up to limit bytes: more is an error, but an error body is cut there."""
-    chunks, size = [], 0
+    """The whole body up to limit bytes: more is an error, but an error body is cut there. It
+    must be whole within the timeout: each read's own timeout does not stop a trickle."""
+    chunks, size, started = [], 0, time.monotonic()
     try:
         for chunk in iter_body(response, server):
             chunks.append(chunk)
             size += len(chunk)
+            if time.monotonic() - started > server.timeout:
+                raise TimedOut(
+                    f"{server.host} sent its reply too slowly: not whole after "
+                    f"{server.timeout:g} s (--timeout)"
+                )
             if size > limit and limit != MAX_ERROR_BODY:
                 raise ApiError(
                     f"the reply from {server.host} is larger than {limit // 2**20} MiB; "
@@ -1518,22 +1560,33 @@ class ThinkBlock:
 
 
 def add_tool_calls(calls: dict[int, dict], items) -> int:
-    """Merge tool calls, or pieces of them, into calls by index (else a name or new id starts one)."""
+    """Merge tool calls, or pieces of them, into calls by index (else a name or new id starts one
+    after the last one begun); returns the characters added. Past MAX_TOOL_CALLS, an error."""
     added = 0
     for item in items if isinstance(items, list) else []:
         function = item.get("function") if isinstance(item, dict) else None
         if not isinstance(function, dict):
             continue
-        index, last = item.get("index"), max(calls, default=-1)
+        index, last = item.get("index"), next(reversed(calls), -1)
         if not isinstance(index, int):
             starts = (
                 last < 0 or function.get("name") or item.get("id") not in (None, calls[last]["id"])
             )
             index = last + 1 if starts else last
-        call = calls.setdefault(index, {"id": item.get("id"), "name": "", "pieces": []})
+        if index not in calls:
+            if len(calls) == MAX_TOOL_CALLS:
+                raise ApiError(
+                    f"the reply holds more than {MAX_TOOL_CALLS:,} tool calls; chat.py reads no "
+                    "further"
+                )
+            call_id = item.get("id") if isinstance(item.get("id"), str) else None
+            calls[index] = {"id": call_id, "name": "", "pieces": []}
+            added += len(call_id or "")
+        call = calls[index]
         name, arguments = function.get("name"), function.get("arguments")
         if isinstance(name, str) and not call["name"]:
             call["name"] = name
+            added += len(name)
         if arguments is not None:
             piece = (
                 arguments if isinstance(arguments, str) else json.dumps(arguments)
@@ -1631,7 +1684,7 @@ class SSEDecoder:
         self.pending: list[bytes] = []  # the pieces of a line not yet ended
         self.pending_size = self.data_size = 0
         self.started = self.after_cr = False
-        self.event, self.data = "", []
+        self.event, self.data, self.joined = "", [], 0  # joined: data[:joined] are many lines each
         self.unknown: list[tuple[str, str]] = []  # lines of other fields, for the reader to clear
 
     def feed(self, chunk: bytes) -> list[tuple[str, str]]:
@@ -1662,13 +1715,16 @@ class SSEDecoder:
             if not text:  # a blank line dispatches the event
                 if self.data:
                     events.append((self.event, "\n".join(self.data)))
-                self.event, self.data, self.data_size = "", [], 0
+                self.event, self.data, self.data_size, self.joined = "", [], 0, 0
             elif not text.startswith(":"):  # a colon first makes a comment
                 field, _, value = text.partition(":")
                 value = value.removeprefix(" ")
                 if field == "data":
                     self.data.append(value)
-                    self.data_size += len(value)
+                    self.data_size += len(value) + 1  # and the newline that joins it
+                    if len(self.data) - self.joined > 1024:  # many short lines: held as one
+                        self.data[self.joined :] = ["\n".join(self.data[self.joined :])]
+                        self.joined += 1
                     if self.data_size > MAX_REPLY:
                         raise ApiError(
                             f"an event in the stream is larger than {MAX_REPLY // 2**20} MiB"
@@ -1789,14 +1845,13 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
     last_data = time.monotonic()
     try:
         for chunk in iter_body(response, server):
-            fresh = False
+            held = reply.size  # what grows it is progress; delta: {} and the like are keep-alives
             for event, data in decoder.feed(chunk):
                 if data == "[DONE]":
                     reply.done = True
                     break
                 if not data or data.isspace():
                     continue  # empty or blank data: a keep-alive some servers send
-                fresh = True
                 text, reasoning = read_stream_event(event, data, reply)
                 if text and think.state != "text":
                     text, thought = think.split(text)
@@ -1820,7 +1875,7 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                 raise ApiError(
                     f"the streamed reply passed {MAX_REPLY // 2**20} MiB; chat.py stopped there"
                 )
-            if fresh:
+            if reply.size > held:
                 last_data = time.monotonic()
             elif time.monotonic() - last_data > server.timeout:
                 raise TimedOut(
@@ -2093,6 +2148,9 @@ def load_turns(path: str, env: Env) -> list[dict]:
                 f"{path} line {number} is not a saved turn (a torn write or a bad edit?); skipped"
             )
             continue
+        for name in [name for name in TURN_TEXTS if not isinstance(turn.get(name, ""), str)]:
+            env.warn(f"{path} line {number}: its {name} is not text; ignored")
+            del turn[name]
         if turn.pop("retry", False) and turns:
             turns.pop()
         turns.append(turn)
@@ -2213,14 +2271,21 @@ def readable(turn: dict) -> str:
     return "\n".join(
         [message_text(content) or ""]
         + [
-            f"[{PART_KINDS[part['type']].word}: {elide_base64(str(name))}]"
+            f"[{PART_KINDS[part['type']].word}: "
+            f"{elide_base64(name if isinstance(name, str) else '?')}]"
             for part, name in zip(parts, names, strict=True)
         ]
     )
 
 
+def indented(text: str) -> str:
+    """text with each line that is not empty indented, so that none can pass for a header."""
+    return re.sub(r"(?m)^(?=.)", "  ", text)  # only \n ends a line here, as in a terminal
+
+
 def show_conversation(path: str, env: Env) -> None:
-    """--show: the conversation for a person to read, each question and answer in order."""
+    """--show: the conversation for a person to read, each question and answer in order: headers
+    of one line at the start of a line, the texts indented under them."""
     from datetime import datetime
 
     turns, system = load_turns(path, env), None
@@ -2230,16 +2295,20 @@ def show_conversation(path: str, env: Env) -> None:
     for turn in turns:
         if turn.get("system") != system:
             system = turn.get("system")
-            env.write(f"\nsystem prompt: {system or '(none)'}\n")
+            env.write(
+                f"\nsystem prompt:\n{indented(system)}\n" if system else "\nsystem prompt: (none)\n"
+            )
+        when = turn.get("time", "")
         try:
-            when = datetime.fromisoformat(str(turn.get("time")).replace("Z", "+00:00"))
-            when = when.astimezone().strftime("%Y-%m-%d %H:%M")
-        except (ValueError, OverflowError):  # OverflowError: year 1 in a zone west of UTC
-            when = str(turn.get("time"))
-        env.write(f"\nyou, {when}:\n{readable(turn)}\n")
+            when = datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone()
+            when = when.strftime("%Y-%m-%d %H:%M")
+        except (ValueError, OverflowError):  # not a date, or one the local clock cannot show
+            pass
         env.write(
-            f"\n{turn.get('answered_by') or turn.get('model') or 'assistant'}:\n{turn['assistant']}\n"
+            f"\nyou{', ' if when else ''}{one_line(when, room=40)}:\n{indented(readable(turn))}\n"
         )
+        name = one_line(turn.get("answered_by") or turn.get("model") or "assistant", room=80)
+        env.write(f"\n{name}:\n{indented(turn['assistant'])}\n")
 
 
 # ------------------------------------------------------------ the command line
@@ -2555,6 +2624,11 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
             f"a large question: about {len(question) // 4:,} tokens "
             f"({len(question):,} characters); a small model's context may not hold it"
         )
+    if hidden := TAG_CHARS.findall(question):
+        env.warn(
+            f"the question holds {plural(len(hidden), 'tag character')}, invisible text that a "
+            f"model reads: {''.join(chr(ord(char) - 0xE0000) for char in hidden)!r}",
+        )
     body = build_body(
         settings, build_messages(turns, user_message, settings.system), server.base_url
     )
@@ -2749,9 +2823,11 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
             import traceback
 
             env.stderr.write(
-                redact(
-                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                    env.secrets,
+                visible(
+                    redact(
+                        "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                        env.secrets,
+                    )
                 )
             )
         elif isinstance(exc, ChatError):

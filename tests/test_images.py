@@ -367,11 +367,15 @@ class TestImagesOnTheWire:
         [
             ("missing.jpg", None, "cannot read image missing.jpg: No such file or directory"),
             ("folder.png", "folder", "cannot read image folder.png: Is a directory"),
-            ("empty.png", b"", "cannot decode image empty.png: not an image format Pillow knows"),
+            (
+                "empty.png",
+                b"",
+                "empty.png is not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)",
+            ),
             (
                 "notes.jpg",
                 b"this is not a picture\n",
-                "cannot decode image notes.jpg: not an image format Pillow knows",
+                "notes.jpg is not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)",
             ),
             (
                 "cut.jpg",
@@ -381,13 +385,13 @@ class TestImagesOnTheWire:
             (
                 "bomb.png",
                 png_header_only(30000, 30000),
-                "image bomb.png is too large (over 89,478,485 pixels)",
+                "image bomb.png is too large (over 89,478,485 pixels, or 128 MiB decoded)",
             ),
             # 100 megapixels: Pillow only warns here; chat.py must not decode it either
             (
                 "big.png",
                 png_header_only(10000, 10000),
-                "image big.png is too large (over 89,478,485 pixels)",
+                "image big.png is too large (over 89,478,485 pixels, or 128 MiB decoded)",
             ),
         ],
     )

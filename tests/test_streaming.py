@@ -115,7 +115,8 @@ class TestDecoder:
 
     def test_an_event_over_64_mib_in_many_data_lines_is_an_api_error(self):
         # (One line over 64 MiB: TestBoundedWork, end to end.)
-        decoder, line = chat.SSEDecoder(), b"data: " + b"y" * MIB + b"\n"
+        # each line's newline counts: 64 of them make exactly 64 MiB
+        decoder, line = chat.SSEDecoder(), b"data: " + b"y" * (MIB - 1) + b"\n"
         for _ in range(64):
             assert decoder.feed(line) == []
         with pytest.raises(chat.ApiError) as caught:

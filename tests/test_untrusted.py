@@ -368,12 +368,13 @@ class TestTerminal:
             question, model, answer = "\x1b]0;pwned\x07 diff", "evil-\x1b[2J-model", EVIL
         asked = datetime.fromisoformat(turn["time"].replace("Z", "+00:00"))
         ttys = (False, stdout_tty, False)
+        shown = "  " + answer.replace("\nend", "\n  end")  # each line indented under its header
 
         done = cli("--show", name, ttys=ttys)
         assert (done.code, done.err) == (0, "")
         assert done.out == (
             f"conversation {name}: 1 turn\n\nyou, {local_minute(asked)}:\n"
-            f"Review\n\n{question}\n\n{model}:\n{answer}\n"
+            f"  Review\n\n  {question}\n\n{model}:\n{shown}\n"
         )
 
         done = cli("--chats", ttys=ttys)
