@@ -370,11 +370,12 @@ def cli(tmp_path) -> Runner:
 
 
 def saved(folder: Path | None = None) -> dict:
-    """The saved conversations: {name: [turn, ...]} (each line parsed)."""
+    """The saved conversations: {name: [turn, ...]} (each line parsed; only \n ends one, as in
+    chat.py: U+2028 in a turn is text)."""
     folder = folder or Path(os.environ["CHAT_PY_HOME"])
     return {
         path.name.removesuffix(".jsonl"): [
-            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+            json.loads(line) for line in path.read_text().split("\n") if line.strip()
         ]
         for path in sorted(folder.glob("*.jsonl"))
     }
