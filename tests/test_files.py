@@ -357,9 +357,9 @@ class TestShownToTheUser:
         assert (done.code, done.err) == (0, "")
         assert TIME.sub("TIME", done.out) == (
             "conversation mixed: 1 turn\n"
-            "\nyou, TIME:\nWhat?\n\nnotes.txt\n```\ninline\n```\n"
-            "[file: docs/paper.pdf]\n[audio: talk.wav]\n[image: cat.png]\n"
-            "\ntest-model:\nHello!\n"
+            "\nyou, TIME:\n  What?\n\n  notes.txt\n  ```\n  inline\n  ```\n"
+            "  [file: docs/paper.pdf]\n  [audio: talk.wav]\n  [image: cat.png]\n"
+            "\ntest-model:\n  Hello!\n"
         )
 
     def test_curl_holds_each_part_whole(self, cli, server, tmp_path):
