@@ -405,7 +405,16 @@ class Env:
         return self.environ.get(name, "").strip()
 
     def path(self, name: str) -> str:
-        return os.path.join(self.cwd, name)
+        """A file the user named, in the current folder. A name no file can have (a NUL, a lone
+        surrogate that is no undecodable byte) is a usage error, not open()'s ValueError."""
+        try:
+            os.fsencode(name)
+        except UnicodeError:
+            pass
+        else:
+            if "\0" not in name:
+                return os.path.join(self.cwd, name)
+        raise UsageError(f"no file can be named {name!r}")
 
     @property
     def color(self) -> bool:
@@ -828,10 +837,9 @@ def parse_schema(spec: str, env: Env) -> dict:
         return short_schema(text)
     try:
         schema = json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{option} is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise UsageError(f"{option} is nested too deeply") from None
+    except (ValueError, RecursionError) as exc:
+        why = exc if isinstance(exc, ValueError) else "it is nested too deeply"
+        raise UsageError(f"{option} is not valid JSON: {why}") from None
     if not isinstance(schema, dict):
         raise UsageError(
             f"{option} must be a JSON Schema object, or fields such as 'name, age int'"
@@ -917,6 +925,7 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
 
     from PIL import Image, ImageOps
 
+    full_path = env.path(path)
     try:
         with warnings.catch_warnings(record=True) as caught:  # Pillow's: corrupt EXIF ...
             warnings.simplefilter("always")
@@ -924,7 +933,7 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Only the raster formats Pillow decodes itself: for EPS it would run Ghostscript.
             formats = PART_KINDS["image_url"].formats.upper().split(", ")
-            with open_input(env.path(path)) as file, Image.open(file, formats=formats) as image:
+            with open_input(full_path) as file, Image.open(file, formats=formats) as image:
                 source = f"{image.width}x{image.height} {image.format} {image.mode}"
                 prepared = ImageOps.exif_transpose(shrink_image(image, detail))
                 kind, reason = image.format, why_not_as_is(image)
@@ -1134,9 +1143,12 @@ class Trace:
 
 
 def innermost(exc: BaseException) -> BaseException:
-    """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error."""
+    """Follow requests' and urllib3's wrapping (args[0], .reason, __cause__) to the original error:
+    http.client's own, whose context is only how it found out (int() of a bad status line)."""
+    import http.client
+
     seen = set()
-    while id(exc) not in seen:
+    while id(exc) not in seen and not isinstance(exc, http.client.HTTPException):
         seen.add(id(exc))
         inner = getattr(exc, "reason", None)
         if (
@@ -1152,15 +1164,6 @@ def innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def failed_in_handshake(exc: BaseException) -> bool:
-    """Whether an error arose in the TLS handshake, before any HTTP was sent."""
-    import traceback
-
-    return any(
-        frame.f_code.co_name == "do_handshake" for frame, _ in traceback.walk_tb(exc.__traceback__)
-    )
-
-
 def chat_error(exc: Exception, server: Server) -> ChatError:
     """What a failure of requests or urllib3 means, told in words: Python's own never reach the
     line. Not worth a retry: a read timeout (the server has the request), a host that DNS says
@@ -1168,6 +1171,7 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
     import http.client
     import socket
     import ssl
+    import traceback
 
     import requests
     import urllib3
@@ -1176,7 +1180,11 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
     said = f": {inner.strerror}" if isinstance(inner, OSError) and inner.strerror else ""
     connect_timeout = min(CONNECT_TIMEOUT, server.timeout)
     reason = str(getattr(inner, "reason", None) or "")  # an SSLError's: WRONG_VERSION_NUMBER ...
-    if failed_in_handshake(inner) and not (
+    in_handshake = any(  # the TLS handshake, before any HTTP was sent
+        frame.f_code.co_name == "do_handshake"
+        for frame, _ in traceback.walk_tb(inner.__traceback__)
+    )
+    if in_handshake and not (
         isinstance(inner, ssl.SSLCertVerificationError) or "ALERT" in reason
     ):  # no certificate, no TLS alert: the server's answer (or silence) is not TLS
         waited = f" within {connect_timeout:g} s" if isinstance(inner, TimeoutError) else ""
@@ -1203,6 +1211,8 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
         inner, (ConnectionError, http.client.IncompleteRead)
     ):
         return ApiError(f"{host} did not answer in HTTP: {str(inner)!r}")
+    if isinstance(inner, http.client.RemoteDisconnected):
+        return NetworkError(f"{host} closed the connection without answering", retryable=True)
     if isinstance(exc, (requests.exceptions.ChunkedEncodingError, errors.ProtocolError)):
         return NetworkError(f"the connection to {host} broke off mid-reply{said}", retryable=True)
     if isinstance(exc, (requests.exceptions.ContentDecodingError, errors.DecodeError)):

@@ -104,6 +104,24 @@ class TestBrokenConnections:
         assert done.err == f"error: the connection to {host(server)} broke off mid-reply\n"
         assert saved() == {}
 
+    def test_a_status_line_that_is_no_number(self, cli, server):
+        server.reply(b"HTTP/1.1 abc OK\r\n\r\n")
+        done = cli("--base-url", server.url, "q")
+        assert (done.code, done.out) == (1, "")
+        assert (
+            done.err == f"error: {host(server)} did not answer in HTTP: 'HTTP/1.1 abc OK\\r\\n'\n"
+        )
+        assert len(server.requests) == 1
+
+    def test_a_server_that_closes_without_answering_is_retried(self, cli, server):
+        server.reply(b"", OK)
+        done = cli("--base-url", server.url, "q")
+        assert (done.code, done.out) == (0, "recovered\n")
+        assert done.err == (
+            f"warning: {host(server)} closed the connection without answering; retrying in "
+            f"{cli.waits[0]:.1f} s (2 of 3)\n"
+        )
+
     @pytest.mark.parametrize(
         "location", ["http://127.0.0.1:abc/", "http://[::1", "http://127.0.0.1:99999/v1"]
     )
@@ -362,6 +380,16 @@ class TestNeverABugForInput:
         [turns] = saved().values()
         assert (turns[0]["user"]["content"], turns[0]["system"]) == (question, system)
 
+    @pytest.mark.parametrize("option", ["-f", "--image", "--schema"])
+    @pytest.mark.parametrize("name", ["\ud800", "a\x00b"], ids=["lone surrogate", "NUL"])
+    def test_a_file_name_no_file_can_have(self, cli, server, option, name):
+        done = cli(
+            "--base-url", server.url, option, ("@" if option == "--schema" else "") + name, "q"
+        )
+        assert (done.code, done.out) == (2, "")
+        assert done.err == f"error: no file can be named {name!r}\n"
+        assert server.requests == []
+
     def test_a_saved_model_with_a_lone_surrogate(self, cli, server):
         save_conversation("odd", turn(model="m\ud800"))  # written as JSON's escape
         done = cli("--base-url", server.url, "-c", "q")
@@ -372,7 +400,7 @@ class TestNeverABugForInput:
     @pytest.mark.parametrize(
         "args, message",
         [
-            (["--schema", "[" * 100_000], "--schema is nested too deeply"),
+            (["--schema", "[" * 100_000], "--schema is not valid JSON: it is nested too deeply"),
             (
                 ["-o", "tools", "[" * 100_000],
                 "-o tools is not valid JSON: it is nested too deeply " + HINT,

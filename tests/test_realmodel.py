@@ -117,7 +117,9 @@ def start_server(name: str, command: list[str], folder: Path):
     port = command[command.index("--port") + 1]
     try:
         wait_until_ready(process, f"http://127.0.0.1:{port}/v1", log)
-        yield SimpleNamespace(name=name, url=f"http://127.0.0.1:{port}/v1", port=port)
+        yield SimpleNamespace(
+            name=name, url=f"http://127.0.0.1:{port}/v1", port=port, process=process
+        )
     finally:
         process.terminate()
         try:
@@ -417,23 +419,26 @@ def test_tools_with_the_chat_formats_of_these_tests(ask_model, server):
         assert not done.out.startswith('{"name": ')
 
 
-def test_a_full_context_says_how_to_go_on(ask_model, tmp_path):
+def test_a_full_context_says_how_to_go_on(ask_model, server, tmp_path):
     """A conversation longer than the 2,048-token context: both servers refuse it with HTTP 400,
-    each in its own words, and chat.py adds the way out."""
+    each in its own words, and chat.py adds the way out (a smaller --max-tokens only where the
+    request set one, or the server counts the completion's share: llama-cpp-python does)."""
+    budget = ", or set a smaller --max-tokens" if server.name == "llama-cpp-python" else ""
     (tmp_path / "long.txt").write_text("word " * 3000)
     done = ask_model("--chat", "big", "-f", "long.txt", "Summarise.")
     assert (done.code, done.out) == (1, "")
     assert done.err.startswith("error: HTTP 400 Bad Request: ")
     assert done.err.endswith(
-        "(the question alone fills the model's context: shorten it, or set a "
-        "smaller --max-tokens)\n"
+        f"(the question alone fills the model's context: shorten the question{budget})\n"
     )
     assert ask_model("--chat", "big", "--max-tokens", "5", "Hi.").code == 0
     done = ask_model("--chat", "big", "-f", "long.txt", "Summarise.")
     assert done.err.endswith(
         "(this conversation's 1 turn and the question fill the model's context: "
-        "start a new conversation (no -c), or set a smaller --max-tokens)\n"
+        f"start a new conversation (no -c){budget})\n"
     )
+    done = ask_model("--chat", "big", "-f", "long.txt", "--max-tokens", "100", "Summarise.")
+    assert done.err.endswith(" (no -c), or set a smaller --max-tokens)\n")
 
 
 def test_dotenv_base_url_on_loopback_is_used_and_elsewhere_refused(cli, server, tmp_path):
@@ -470,3 +475,46 @@ def test_ctrl_c_mid_stream(server, cli):
     assert err == b"\n"
     assert (first + out).strip()  # the partial reply stays on stdout
     assert saved() == {}  # an interrupted reply is not saved
+
+
+def test_https_to_a_plain_http_server_is_said_at_once(cli, server):
+    """llama-cpp-python (uvicorn) answers the ClientHello in plain HTTP; llama-server waits for
+    more, silent: its answer is the connect timeout's (--timeout 3 makes it 3 s)."""
+    started = time.monotonic()
+    done = cli(
+        "--base-url", server.url.replace("http:", "https:"), "--timeout", "3", "Hi.", key=None
+    )
+    silent = server.name == "llama-server"
+    assert time.monotonic() - started < (5 if silent else 2)
+    assert (done.code, done.out) == (3, "")
+    assert done.err == (
+        f"error: 127.0.0.1:{server.port} did not answer in TLS{' within 3 s' if silent else ''}: "
+        f"is it a plain-HTTP server? try {server.url}\n"
+    )
+
+
+def test_llama_server_killed_mid_stream(cli, tmp_path):
+    """SIGKILL while the reply streams: the text so far stays, exit 3, nothing saved."""
+    [name] = [name for name in SERVERS if name == "llama-server"]
+    starting = start_server(name, SERVERS[name](free_port()), tmp_path)
+    server = next(starting)
+    try:
+        process = cli.process(
+            "--base-url", server.url, "--stream", LONG_QUESTION, key=None, start=True
+        )
+        process.stdin.close()
+        process.stdin = None
+        try:
+            first = process.stdout.read(1)  # the reply has started
+            server.process.kill()
+            out, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+    finally:
+        starting.close()
+    assert first and (first + out).strip()
+    assert (process.returncode, err.decode()) == (
+        3,
+        f"error: the connection to 127.0.0.1:{server.port} broke off mid-reply\n",
+    )
+    assert saved() == {}
