@@ -66,11 +66,23 @@ RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 MAX_REPLY, MAX_INPUT, MAX_ERROR_BODY, MAX_DOTENV = 64 * 2**20, 16 * 2**20, 2**20, 64 * 1024
 LARGE_QUESTION = 1_000_000  # characters; a larger one gets a note of its size in tokens (about /4)
 
-# .env supplies these and nothing else: a proxy, CA bundle or state folder in a cloned
-# repository's .env would take the key or the conversations. Those named here get a warning.
-DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_MODEL")
+# ./.env supplies a key and a model, never a destination: a base URL, proxy, CA bundle or state
+# folder in a cloned repository's .env would take the questions, the key or the conversations.
+# Those named here get a warning. The user's own settings file may set more.
+DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_MODEL")
 IGNORED_IN_DOTENV = re.compile(
-    r"CHAT_PY_\w+|XDG_STATE_HOME|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I
+    r"OPENAI_BASE_URL|CHAT_PY_\w+|XDG_\w+|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I
+)
+SETTINGS_NAMES = (*DOTENV_NAMES, "OPENAI_BASE_URL", "CHAT_PY_HOME", "CHAT_PY_NO_SAVE")
+# A base URL as requests and urllib3 read it too: http(s)://, a user and password, a host of
+# DNS labels or an [IPv6 address], a port, then printable ASCII. Nothing a parser could read two
+# ways (a backslash, a space, %-escapes or non-ASCII letters in the host), so requests connects
+# to the host that chat.py shows, saves and decides on.
+BASE_URL = re.compile(
+    r"https?://(?:[\w.~!$&'()*+,;=:%-]*@)?"
+    r"(?P<host>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*|\[(?P<ipv6>[0-9a-f:.]+)\])"
+    r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][!-\[\]-~]*)?",
+    re.I | re.A,
 )
 
 # The pixels of a local image worth uploading: "low" is seen as one 512x512 thumbnail; "high"
@@ -307,11 +319,27 @@ def host_of(url: str) -> str:
 
 
 def shown_url(url: str) -> str:
-    """url as chat.py displays it: a password in it becomes ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return parts._replace(netloc=f"{parts.username}:***@{host_of(url)}").geturl()
+    """url as chat.py displays it: a password in it becomes *** (in a malformed URL too)."""
+    return re.sub(r"^([^:/?#]*://[^/?#@:]*:)[^/?#]*@", r"\1***@", url)
+
+
+def check_base_url(url: str, source: str) -> str:
+    """url, if it is a base URL that requests sends to the host chat.py sees in it (BASE_URL);
+    anything else is a usage error naming where it came from."""
+    match = BASE_URL.fullmatch(url)
+    try:
+        if match and match["ipv6"]:
+            import ipaddress
+
+            ipaddress.IPv6Address(match["ipv6"])
+        if match and len(match["host"]) <= 253 and 0 < int(match["port"] or 1) < 65536:
+            return url
+    except ValueError:  # not an IPv6 address
+        pass
+    raise UsageError(
+        f"{source} must be a plain http:// or https:// URL with a valid host, "
+        f"not '{shown_url(url)}'"
+    )
 
 
 class Spinner:
@@ -380,6 +408,7 @@ class Env:
         self.read_line, self.sleep = read_line, sleep
         self.raise_bugs = raise_bugs  # tests: a bug propagates with its traceback, not as exit 70
         self.secrets: tuple[str, ...] = ()  # redacted from every line: the key, a URL password
+        self.configured: dict[str, str] = {}  # the settings file's, under ./.env's key and model
         self.spinner: Spinner | None = None
         self.styled = self.stderr_tty  # whether stderr obeys chat.py's styling and spinner
         # On a terminal, stderr's lines wait while a line of the reply is open on stdout.
@@ -403,6 +432,10 @@ class Env:
     def get(self, name: str) -> str:
         """An environment variable; empty and unset are the same."""
         return self.environ.get(name, "").strip()
+
+    def setting(self, name: str) -> str:
+        """A setting from the environment, else from ./.env or the user's settings file."""
+        return self.get(name) or self.configured.get(name, "")
 
     def path(self, name: str) -> str:
         """A file the user named, in the current folder. A name no file can have (a NUL, a lone
@@ -471,8 +504,7 @@ class Env:
 
 
 class Server:
-    """Where requests go and how, whether .env chose the URL or the key (a key goes only where
-    its owner sent it), and the model the environment names."""
+    """Where requests go and how, and the model the settings name."""
 
     def __init__(
         self,
@@ -480,16 +512,10 @@ class Server:
         key: str = "",
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = DEFAULT_RETRIES,
-        url_from_dotenv: bool = False,
-        key_from_dotenv: bool = False,
         model: str = "",
     ):
         self.base_url, self.key, self.timeout, self.retries = base_url, key, timeout, retries
-        self.url_from_dotenv, self.key_from_dotenv, self.model = (
-            url_from_dotenv,
-            key_from_dotenv,
-            model,
-        )
+        self.model = model
 
     @property
     def host(self) -> str:
@@ -602,12 +628,8 @@ def public_url(base_url: str) -> str:
 def is_loopback(host: str | None) -> bool:
     import ipaddress
 
-    try:
-        return (
-            host == "localhost"
-            or host.endswith(".localhost")
-            or ipaddress.ip_address(host).is_loopback
-        )
+    try:  # not *.localhost: such a name goes to the resolver, which may send it anywhere
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except (ValueError, AttributeError):  # a name, or None
         return False
 
@@ -1994,13 +2016,55 @@ def state_dir(env: Env) -> str:
         home = env.get("HOME") or os.path.expanduser("~")
         local = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
         state = local if WINDOWS else os.path.join(home, ".local", "state")
-    return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
+    return env.setting("CHAT_PY_HOME") or os.path.join(state, "chat-py")
+
+
+def folders_up(path: str) -> list[str]:
+    """path and each folder above it, up to the root."""
+    folders = [os.path.abspath(path)]
+    while os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    return folders
+
+
+def check_way_to(path: str) -> None:
+    """Refuse a path another user could redirect: a link of theirs on the way, or a folder above
+    it that they own or may write to (one with the sticky bit, such as /tmp, is fine)."""
+    import shlex
+
+    if not hasattr(os, "getuid"):  # Windows: no owners and modes to ask about
+        return
+    trusted, ends = (os.getuid(), 0), (os.path.abspath(path), os.path.realpath(path))
+    for step in sorted({*folders_up(path), *folders_up(ends[1])}):  # the way as given, and real
+        try:
+            info = os.lstat(step)
+        except OSError:  # not made yet: chat.py makes it, 0700
+            continue
+        theirs = info.st_uid not in trusted  # root owns /, /home, /tmp ...
+        if stat.S_ISLNK(info.st_mode) and theirs:
+            raise UsageError(
+                f"{step} is a symbolic link of another user (uid {info.st_uid}), who can point "
+                "it anywhere",
+                hint="(remove it, or use a folder of your own)",
+            )
+        if (
+            stat.S_ISDIR(info.st_mode)
+            and step not in ends
+            and (theirs or info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX)
+        ):
+            raise UsageError(
+                f"the folder {step}, on the way to {path}, can be changed by another user, who "
+                "could swap what is in it",
+                hint=f"(chmod go-w {shlex.quote(step)} if it is yours, or use another folder)",
+            )
 
 
 def check_folder(folder: str) -> None:
-    """Refuse a folder owned by someone else or writable by others, as ssh refuses such a ~/.ssh."""
+    """Refuse a folder owned by someone else or writable by others, as ssh refuses such a ~/.ssh,
+    and one whose way there another user could change."""
     import shlex
 
+    check_way_to(folder)
     try:
         info = os.stat(folder)
     except FileNotFoundError:
@@ -2344,14 +2408,16 @@ def raise_usage_error(message: str):
     raise UsageError(re.sub(r"^argument (\S+): must be", r"\1 must be", message) + " (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: str = "~/.config/chat-py/env") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chat.py",
         add_help=False,
         description="Ask an OpenAI-compatible chat-completions API. "
         "With no question on a terminal, start a conversation. Answered questions are saved: -c goes on.",
         epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, "
-        "70 a bug in chat.py, 130 interrupted. The key is read from OPENAI_API_KEY (or .env); "
+        "70 a bug in chat.py, 130 interrupted. OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL, "
+        f"CHAT_PY_HOME and CHAT_PY_NO_SAVE come from the environment, else from {settings} "
+        "(./.env may set only the key and model); "
         "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
     )
     add = parser.add_argument
@@ -2468,25 +2534,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_dotenv(env: Env) -> dict[str, str]:
-    """DOTENV_NAMES from ./.env, and nothing else; nothing of it enters the environment."""
+def settings_path(env: Env) -> str:
+    """$CHAT_PY_CONFIG, else $XDG_CONFIG_HOME/chat-py/env (if absolute), else
+    %APPDATA%\\chat-py\\env on Windows, else ~/.config/chat-py/env."""
+    config = env.get("XDG_CONFIG_HOME")
+    if not os.path.isabs(config):
+        config = (env.get("APPDATA") if os.name == "nt" else "") or os.path.join(
+            env.get("HOME") or os.path.expanduser("~"), ".config"
+        )
+    return env.get("CHAT_PY_CONFIG") or os.path.join(config, "chat-py", "env")
+
+
+def read_env_file(path: str, names: tuple[str, ...], env: Env, own: bool = False) -> dict[str, str]:
+    """The NAME=value lines of ./.env, or of the user's own settings file, that set one of names;
+    nothing of it enters the environment. A .env that is no small regular file is ignored; a
+    settings file that is no small regular file of the user's own is refused."""
     import io
     import logging
+    import shlex
 
+    what = f"the settings file {path}"
     try:
-        with open(os.open(env.path(".env"), nonblocking(os.O_RDONLY)), "rb") as file:
-            data = (
-                file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+        if own and stat.S_ISLNK(os.lstat(env.path(path)).st_mode):
+            raise UsageError(
+                f"{what} is a symbolic link, which chat.py does not follow",
+                hint="(put the file itself there)",
             )
-    except OSError:
+        flags = os.O_RDONLY | os.O_NONBLOCK | (getattr(os, "O_NOFOLLOW", 0) if own else 0)
+        with open(os.open(env.path(path), flags), "rb") as file:
+            info = os.fstat(file.fileno())
+            data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(info.st_mode) else None
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        if own:
+            raise UsageError(f"cannot read {what}: {exc.strerror}") from None
         return {}
     if data is None or len(data) > MAX_DOTENV:
-        env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
+        problem = f"is not a regular file of at most {MAX_DOTENV // 1024} KiB"
+        if own:
+            raise UsageError(f"{what} {problem}")
+        env.warn(f".env {problem}; ignored")
         return {}
-    from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a .env
+    if own and hasattr(os, "getuid"):  # Windows has no owners and modes to ask about
+        if info.st_uid != os.getuid():
+            raise UsageError(
+                f"{what} belongs to another user (uid {info.st_uid}); chat.py takes settings "
+                "only from a file of your own",
+                hint=f"(chown it to yourself, then chmod 600 {shlex.quote(path)})",
+            )
+        if info.st_mode & 0o022:
+            raise UsageError(
+                f"{what} is writable by others, who could send your questions anywhere",
+                hint=f"(chmod 600 {shlex.quote(path)} fixes it)",
+            )
+        check_way_to(env.path(path))
+    from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a file
+
+    label = path if own else ".env"
 
     def warn_instead(record: logging.LogRecord) -> bool:
-        env.warn(".env: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
+        env.warn(f"{label}: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
         return False
 
     logger = logging.getLogger("dotenv.main")
@@ -2497,48 +2605,45 @@ def read_dotenv(env: Env) -> dict[str, str]:
         )
     finally:
         logger.removeFilter(warn_instead)
-    if ignored := sorted(name for name in values if IGNORED_IN_DOTENV.fullmatch(name)):
+    if ignored := sorted(
+        name for name in values if name not in names and (own or IGNORED_IN_DOTENV.fullmatch(name))
+    ):
+        where = f"or a base URL with --base-url or in {settings_path(env)}"
         env.warn(
-            f".env: {', '.join(ignored)} ignored: a .env sets only {', '.join(DOTENV_NAMES)}; "
-            "set the others in your shell"
+            f"{label}: {', '.join(ignored)} ignored: "
+            + (f"it sets only {', '.join(names)}" if own else "a .env sets only the key and model"),
+            "" if own else f" (set them in your shell, {where})",
         )
     return {
         name: value.strip()
         for name, value in values.items()
-        if name in DOTENV_NAMES and value and value.strip()
+        if name in names and value and value.strip()
     }
 
 
 def make_server(args: argparse.Namespace, env: Env) -> Server:
-    """The base URL and key from the command line, the environment, then ./.env."""
-    dotenv = read_dotenv(env)
-    chosen = args.base_url or env.get("OPENAI_BASE_URL")
-    base_url = chosen or dotenv.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    parts = urlsplit(base_url)
-    try:
-        port_ok = parts.port != 0  # .port raises for a port that is not a number, or too large
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
-        raise UsageError(
-            f"--base-url must be an http:// or https:// URL, not {shown_url(base_url)!r}"
-        )
-    key = env.get("OPENAI_API_KEY") or dotenv.get("OPENAI_API_KEY", "")
-    env.secrets = tuple(secret for secret in (key, parts.password) if secret)
-    return Server(
-        base_url,
-        key,
-        args.timeout,
-        args.retries,
-        url_from_dotenv=not chosen and "OPENAI_BASE_URL" in dotenv,
-        key_from_dotenv=not env.get("OPENAI_API_KEY") and bool(key),
-        model=env.get("OPENAI_MODEL") or dotenv.get("OPENAI_MODEL"),
+    """The base URL, key and model: the command line, the environment, ./.env (key and model
+    only), the settings file, then chat.py's defaults."""
+    env.configured.update(read_env_file(".env", DOTENV_NAMES, env))
+    source = (
+        "--base-url"
+        if args.base_url
+        else "OPENAI_BASE_URL"
+        if env.get("OPENAI_BASE_URL")
+        else f"OPENAI_BASE_URL in {settings_path(env)}"
     )
+    base_url = check_base_url(
+        args.base_url or env.setting("OPENAI_BASE_URL") or DEFAULT_BASE_URL, source
+    )
+    key = env.setting("OPENAI_API_KEY")
+    env.secrets = tuple(secret for secret in (key, urlsplit(base_url).password) if secret)
+    return Server(base_url, key, args.timeout, args.retries, env.setting("OPENAI_MODEL"))
 
 
 def check_key(server: Server, env: Env) -> None:
-    """Before anything is sent: the key must fit in a header and go only where its owner sent it."""
-    where = urlsplit(server.base_url)
+    """Before anything is sent: a key for OpenAI, one that fits in a header, and a warning before
+    it goes unencrypted."""
+    where = urlsplit(server.base_url)  # as requests reads it: check_base_url saw to that
     if not server.key and is_openai_host(server.base_url):
         raise UsageError(
             "OPENAI_API_KEY is not set: export it, or put it in a .env file "
@@ -2550,13 +2655,6 @@ def check_key(server: Server, env: Env) -> None:
     if not server.key.isascii() or not server.key.isprintable() or " " in server.key:
         raise UsageError(
             "OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value"
-        )
-    if server.url_from_dotenv and not server.key_from_dotenv and not is_loopback(where.hostname):
-        raise UsageError(
-            f"./.env sends requests to {shown_url(server.base_url)}, but the API key comes "
-            "from your environment, not from that .env: chat.py will not send it there",
-            hint="(if you trust it, put the key in that .env too, or pass --base-url or "
-            "export OPENAI_BASE_URL)",
         )
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
@@ -2754,8 +2852,10 @@ def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int
 def run(args: argparse.Namespace, env: Env) -> int:
     """The program without its error handling."""
     if args.help or args.version:
-        env.write(build_parser().format_help() if args.help else f"chat.py {__version__}\n")
+        text = build_parser(settings_path(env)).format_help() if args.help else ""
+        env.write(text or f"chat.py {__version__}\n")
         return ExitStatus.OK
+    env.configured = read_env_file(settings_path(env), SETTINGS_NAMES, env, own=True)
     folder = state_dir(env)
     if args.chats or args.show is not None or args.forget:
         return manage_conversations(args, folder, env)
@@ -2765,7 +2865,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
         return print_models(server, args.verbose, env)
     if args.model == "":
         raise UsageError("-m/--model needs a model name")
-    saving = not args.no_save and env.get("CHAT_PY_NO_SAVE") in ("", "0")
+    saving = not args.no_save and env.setting("CHAT_PY_NO_SAVE") in ("", "0")
     conversation = open_conversation(args, folder, saving, env)
     piped = read_piped_stdin(env)
     # (source, a text block or a content part, a note for -v) for each -f and --image, in order
