@@ -326,15 +326,18 @@ def shown_url(url: str) -> str:
 def check_base_url(url: str, source: str) -> str:
     """url, if it is a base URL that requests sends to the host chat.py sees in it (BASE_URL);
     anything else is a usage error naming where it came from."""
-    match = BASE_URL.fullmatch(url)
-    try:
-        if match and match["ipv6"]:
-            import ipaddress
+    import ipaddress
 
-            ipaddress.IPv6Address(match["ipv6"])
-        if match and len(match["host"]) <= 253 and 0 < int(match["port"] or 1) < 65536:
+    match = BASE_URL.fullmatch(url)
+    try:  # a bracketed host that is no IPv6 address raises ValueError
+        if (
+            match
+            and len(match["host"]) <= 253
+            and 0 < int(match["port"] or 1) < 65536
+            and ipaddress.IPv6Address(match["ipv6"] or "::")
+        ):
             return url
-    except ValueError:  # not an IPv6 address
+    except ValueError:
         pass
     raise UsageError(
         f"{source} must be a plain http:// or https:// URL with a valid host, "
@@ -430,12 +433,9 @@ class Env:
         return env
 
     def get(self, name: str) -> str:
-        """An environment variable; empty and unset are the same."""
-        return self.environ.get(name, "").strip()
-
-    def setting(self, name: str) -> str:
-        """A setting from the environment, else from ./.env or the user's settings file."""
-        return self.get(name) or self.configured.get(name, "")
+        """An environment variable, else ./.env's or the settings file's (configured); empty and
+        unset are the same."""
+        return self.environ.get(name, "").strip() or self.configured.get(name, "")
 
     def path(self, name: str) -> str:
         """A file the user named, in the current folder. A name no file can have (a NUL, a lone
@@ -2016,31 +2016,24 @@ def state_dir(env: Env) -> str:
         home = env.get("HOME") or os.path.expanduser("~")
         local = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
         state = local if WINDOWS else os.path.join(home, ".local", "state")
-    return env.setting("CHAT_PY_HOME") or os.path.join(state, "chat-py")
-
-
-def folders_up(path: str) -> list[str]:
-    """path and each folder above it, up to the root."""
-    folders = [os.path.abspath(path)]
-    while os.path.dirname(folders[-1]) != folders[-1]:
-        folders.append(os.path.dirname(folders[-1]))
-    return folders
+    return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
 
 
 def check_way_to(path: str) -> None:
     """Refuse a path another user could redirect: a link of theirs on the way, or a folder above
     it that they own or may write to (one with the sticky bit, such as /tmp, is fine)."""
+    import pathlib
     import shlex
 
     if not hasattr(os, "getuid"):  # Windows: no owners and modes to ask about
         return
-    trusted, ends = (os.getuid(), 0), (os.path.abspath(path), os.path.realpath(path))
-    for step in sorted({*folders_up(path), *folders_up(ends[1])}):  # the way as given, and real
+    given = pathlib.Path(os.path.abspath(path))
+    for step in sorted({given, *given.parents, *pathlib.Path(os.path.realpath(path)).parents}):
         try:
             info = os.lstat(step)
         except OSError:  # not made yet: chat.py makes it, 0700
             continue
-        theirs = info.st_uid not in trusted  # root owns /, /home, /tmp ...
+        theirs = info.st_uid not in (os.getuid(), 0)  # root owns /, /home, /tmp ...
         if stat.S_ISLNK(info.st_mode) and theirs:
             raise UsageError(
                 f"{step} is a symbolic link of another user (uid {info.st_uid}), who can point "
@@ -2049,13 +2042,13 @@ def check_way_to(path: str) -> None:
             )
         if (
             stat.S_ISDIR(info.st_mode)
-            and step not in ends
+            and step != given
             and (theirs or info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX)
         ):
             raise UsageError(
                 f"the folder {step}, on the way to {path}, can be changed by another user, who "
                 "could swap what is in it",
-                hint=f"(chmod go-w {shlex.quote(step)} if it is yours, or use another folder)",
+                hint=f"(chmod go-w {shlex.quote(str(step))} if it is yours, or use another folder)",
             )
 
 
@@ -2536,62 +2529,24 @@ def build_parser(settings: str = "~/.config/chat-py/env") -> argparse.ArgumentPa
 
 def settings_path(env: Env) -> str:
     """$CHAT_PY_CONFIG, else $XDG_CONFIG_HOME/chat-py/env (if absolute), else
-    %APPDATA%\\chat-py\\env on Windows, else ~/.config/chat-py/env."""
+    ~/.config/chat-py/env (on Windows %APPDATA%\\chat-py\\env)."""
     config = env.get("XDG_CONFIG_HOME")
-    if not os.path.isabs(config):
-        config = (env.get("APPDATA") if os.name == "nt" else "") or os.path.join(
-            env.get("HOME") or os.path.expanduser("~"), ".config"
-        )
-    return env.get("CHAT_PY_CONFIG") or os.path.join(config, "chat-py", "env")
+    if not os.path.isabs(config):  # an empty or relative value is ignored, as in state_dir
+        home = os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+        config = (WINDOWS and env.get("APPDATA")) or home
+    return env.path(env.get("CHAT_PY_CONFIG") or os.path.join(config, "chat-py", "env"))
 
 
-def read_env_file(path: str, names: tuple[str, ...], env: Env, own: bool = False) -> dict[str, str]:
-    """The NAME=value lines of ./.env, or of the user's own settings file, that set one of names;
-    nothing of it enters the environment. A .env that is no small regular file is ignored; a
-    settings file that is no small regular file of the user's own is refused."""
+def read_env_lines(
+    data: bytes, label: str, names: tuple[str, ...], env: Env, why: str, warned=re.compile(".+")
+) -> dict[str, str]:
+    """names from the NAME=value lines of a .env-style file; nothing of it enters the
+    environment. Lines python-dotenv cannot parse, and other names that warned matches, get a
+    warning (saying why)."""
     import io
     import logging
-    import shlex
 
-    what = f"the settings file {path}"
-    try:
-        if own and stat.S_ISLNK(os.lstat(env.path(path)).st_mode):
-            raise UsageError(
-                f"{what} is a symbolic link, which chat.py does not follow",
-                hint="(put the file itself there)",
-            )
-        flags = os.O_RDONLY | os.O_NONBLOCK | (getattr(os, "O_NOFOLLOW", 0) if own else 0)
-        with open(os.open(env.path(path), flags), "rb") as file:
-            info = os.fstat(file.fileno())
-            data = file.read(MAX_DOTENV + 1) if stat.S_ISREG(info.st_mode) else None
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        if own:
-            raise UsageError(f"cannot read {what}: {exc.strerror}") from None
-        return {}
-    if data is None or len(data) > MAX_DOTENV:
-        problem = f"is not a regular file of at most {MAX_DOTENV // 1024} KiB"
-        if own:
-            raise UsageError(f"{what} {problem}")
-        env.warn(f".env {problem}; ignored")
-        return {}
-    if own and hasattr(os, "getuid"):  # Windows has no owners and modes to ask about
-        if info.st_uid != os.getuid():
-            raise UsageError(
-                f"{what} belongs to another user (uid {info.st_uid}); chat.py takes settings "
-                "only from a file of your own",
-                hint=f"(chown it to yourself, then chmod 600 {shlex.quote(path)})",
-            )
-        if info.st_mode & 0o022:
-            raise UsageError(
-                f"{what} is writable by others, who could send your questions anywhere",
-                hint=f"(chmod 600 {shlex.quote(path)} fixes it)",
-            )
-        check_way_to(env.path(path))
     from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a file
-
-    label = path if own else ".env"
 
     def warn_instead(record: logging.LogRecord) -> bool:
         env.warn(f"{label}: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
@@ -2605,15 +2560,8 @@ def read_env_file(path: str, names: tuple[str, ...], env: Env, own: bool = False
         )
     finally:
         logger.removeFilter(warn_instead)
-    if ignored := sorted(
-        name for name in values if name not in names and (own or IGNORED_IN_DOTENV.fullmatch(name))
-    ):
-        where = f"or a base URL with --base-url or in {settings_path(env)}"
-        env.warn(
-            f"{label}: {', '.join(ignored)} ignored: "
-            + (f"it sets only {', '.join(names)}" if own else "a .env sets only the key and model"),
-            "" if own else f" (set them in your shell, {where})",
-        )
+    if ignored := sorted(name for name in values if name not in names and warned.fullmatch(name)):
+        env.warn(f"{label}: {', '.join(ignored)} ignored", f": {why}")
     return {
         name: value.strip()
         for name, value in values.items()
@@ -2621,23 +2569,80 @@ def read_env_file(path: str, names: tuple[str, ...], env: Env, own: bool = False
     }
 
 
+def read_dotenv(env: Env) -> dict[str, str]:
+    """DOTENV_NAMES from ./.env, and nothing else."""
+    try:
+        with open(os.open(env.path(".env"), nonblocking(os.O_RDONLY)), "rb") as file:
+            data = (
+                file.read(MAX_DOTENV + 1) if stat.S_ISREG(os.fstat(file.fileno()).st_mode) else None
+            )
+    except OSError:
+        return {}
+    if data is None or len(data) > MAX_DOTENV:
+        env.warn(f".env is not a regular file of at most {MAX_DOTENV // 1024} KiB; ignored")
+        return {}
+    return read_env_lines(
+        data,
+        ".env",
+        DOTENV_NAMES,
+        env,
+        "a .env sets only the key and model; set the others in your shell (a base URL also "
+        f"with --base-url or in {settings_path(env)})",
+        IGNORED_IN_DOTENV,
+    )
+
+
+def read_settings(env: Env) -> dict[str, str]:
+    """SETTINGS_NAMES from the user's own settings file, which is refused, as a state folder is,
+    unless it is a small regular file that only they can change."""
+    import shlex
+
+    path = settings_path(env)
+    what = f"the settings file {path}"
+    try:
+        if is_link(os.lstat(path)):
+            raise UsageError(
+                f"{what} is a symbolic link, which chat.py does not follow",
+                hint="(put the file itself there)",
+            )
+        with open(open_private(path), "rb") as file:
+            info, data = os.fstat(file.fileno()), file.read(MAX_DOTENV + 1)
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UsageError(f"cannot read {what}: {exc.strerror}") from None
+    if len(data) > MAX_DOTENV:
+        raise UsageError(f"{what} is larger than {MAX_DOTENV // 1024} KiB")
+    check_way_to(path)
+    # Windows: owners and access are ACLs, which stat cannot tell
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise UsageError(
+            f"{what} can be changed by another user (it is uid {info.st_uid}'s, mode "
+            f"{info.st_mode & 0o777:o}), who could send your questions anywhere",
+            hint=f"(chown it to yourself, then chmod 600 {shlex.quote(path)})",
+        )
+    return read_env_lines(
+        data, path, SETTINGS_NAMES, env, f"it sets only {', '.join(SETTINGS_NAMES)}"
+    )
+
+
 def make_server(args: argparse.Namespace, env: Env) -> Server:
     """The base URL, key and model: the command line, the environment, ./.env (key and model
     only), the settings file, then chat.py's defaults."""
-    env.configured.update(read_env_file(".env", DOTENV_NAMES, env))
+    env.configured.update(read_dotenv(env))
     source = (
         "--base-url"
         if args.base_url
         else "OPENAI_BASE_URL"
-        if env.get("OPENAI_BASE_URL")
+        if env.environ.get("OPENAI_BASE_URL", "").strip()
         else f"OPENAI_BASE_URL in {settings_path(env)}"
     )
     base_url = check_base_url(
-        args.base_url or env.setting("OPENAI_BASE_URL") or DEFAULT_BASE_URL, source
+        args.base_url or env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL, source
     )
-    key = env.setting("OPENAI_API_KEY")
+    key = env.get("OPENAI_API_KEY")
     env.secrets = tuple(secret for secret in (key, urlsplit(base_url).password) if secret)
-    return Server(base_url, key, args.timeout, args.retries, env.setting("OPENAI_MODEL"))
+    return Server(base_url, key, args.timeout, args.retries, env.get("OPENAI_MODEL"))
 
 
 def check_key(server: Server, env: Env) -> None:
@@ -2852,10 +2857,13 @@ def manage_conversations(args: argparse.Namespace, folder: str, env: Env) -> int
 def run(args: argparse.Namespace, env: Env) -> int:
     """The program without its error handling."""
     if args.help or args.version:
-        text = build_parser(settings_path(env)).format_help() if args.help else ""
-        env.write(text or f"chat.py {__version__}\n")
+        env.write(
+            build_parser(settings_path(env)).format_help()
+            if args.help
+            else f"chat.py {__version__}\n"
+        )
         return ExitStatus.OK
-    env.configured = read_env_file(settings_path(env), SETTINGS_NAMES, env, own=True)
+    env.configured = read_settings(env)
     folder = state_dir(env)
     if args.chats or args.show is not None or args.forget:
         return manage_conversations(args, folder, env)
@@ -2865,7 +2873,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
         return print_models(server, args.verbose, env)
     if args.model == "":
         raise UsageError("-m/--model needs a model name")
-    saving = not args.no_save and env.setting("CHAT_PY_NO_SAVE") in ("", "0")
+    saving = not args.no_save and env.get("CHAT_PY_NO_SAVE") in ("", "0")
     conversation = open_conversation(args, folder, saving, env)
     piped = read_piped_stdin(env)
     # (source, a text block or a content part, a note for -v) for each -f and --image, in order
