@@ -62,7 +62,8 @@ RETRY_STATUSES = {408, 409, 429}  # and every 5xx
 
 # What a server or a file can make chat.py hold: a reply (after HTTP decompression), a stream's
 # text or one SSE event up to MAX_REPLY; piped stdin or a -f file up to MAX_INPUT, read no
-# further. An error body is cut at MAX_ERROR_BODY, a larger .env is ignored.
+# further. An error body is cut at MAX_ERROR_BODY; a larger .env is ignored, a larger settings
+# file refused.
 MAX_REPLY, MAX_INPUT, MAX_ERROR_BODY, MAX_DOTENV = 64 * 2**20, 16 * 2**20, 2**20, 64 * 1024
 LARGE_QUESTION = 1_000_000  # characters; a larger one gets a note of its size in tokens (about /4)
 
@@ -73,7 +74,13 @@ DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_MODEL")
 IGNORED_IN_DOTENV = re.compile(
     r"OPENAI_BASE_URL|CHAT_PY_\w+|XDG_\w+|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I
 )
-SETTINGS_NAMES = (*DOTENV_NAMES, "OPENAI_BASE_URL", "CHAT_PY_HOME", "CHAT_PY_NO_SAVE")
+SETTINGS_NAMES = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_MODEL",
+    "CHAT_PY_HOME",
+    "CHAT_PY_NO_SAVE",
+)
 # A base URL as requests and urllib3 read it too: http(s)://, a user and password, a host of
 # DNS labels or an [IPv6 address], a port, then printable ASCII. Nothing a parser could read two
 # ways (a backslash, a space, %-escapes or non-ASCII letters in the host), so requests connects
@@ -2617,8 +2624,8 @@ def read_settings(env: Env) -> dict[str, str]:
     # Windows: owners and access are ACLs, which stat cannot tell
     if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
         raise UsageError(
-            f"{what} can be changed by another user (it is uid {info.st_uid}'s, mode "
-            f"{info.st_mode & 0o777:o}), who could send your questions anywhere",
+            f"{what} can be changed by another user (owner uid {info.st_uid}, "
+            f"mode {info.st_mode & 0o777:o}), who could send your questions anywhere",
             hint=f"(chown it to yourself, then chmod 600 {shlex.quote(path)})",
         )
     return read_env_lines(

@@ -379,3 +379,12 @@ def saved(folder: Path | None = None) -> dict:
         ]
         for path in sorted(folder.glob("*.jsonl"))
     }
+
+
+def write_settings(text: str, path: Path | None = None) -> Path:
+    """The user's own settings file (~/.config/chat-py/env unless path): text, 0600."""
+    path = path or Path(os.environ["HOME"], ".config", "chat-py", "env")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+    return path

@@ -344,11 +344,13 @@ class TestOptions:
             (("--temperature", "nan"), "--temperature must be a number, not 'nan' (see --help)"),
             (
                 ("--base-url", "ftp://example.com"),
-                "--base-url must be an http:// or https:// URL, not 'ftp://example.com'",
+                "--base-url must be a plain http:// or https:// URL with a valid host, "
+                "not 'ftp://example.com'",
             ),
             (
                 ("--base-url", "localhost:8080/v1"),
-                "--base-url must be an http:// or https:// URL, not 'localhost:8080/v1'",
+                "--base-url must be a plain http:// or https:// URL with a valid host, "
+                "not 'localhost:8080/v1'",
             ),
             (("-m", ""), "-m/--model needs a model name"),
         ],

@@ -28,6 +28,7 @@ from conftest import (
     saved,
     sse_response,
     stream_events,
+    write_settings,
 )
 
 import chat
@@ -54,6 +55,7 @@ POSIX_ONLY = (
     "statvfs",
 )
 TERMINAL = (True, True, True)
+CHOWN = os.chown  # taken before `windows` takes it away
 LEAVES = "/help · Ctrl-Z then Enter leaves"
 REPLY = "naïve café “quoted” ☕ 日本 €"  # cp1252 has the quotes, é and €; not ☕ or 日本
 
@@ -255,6 +257,42 @@ class TestWhatWindowsCannotTell:
         environ.update({name: value.format(tmp=tmp_path) for name, value in variables.items()})
         assert chat.state_dir(chat.Env(environ=environ)) == str(tmp_path / folder)
 
+    @pytest.mark.parametrize(
+        "variables, path",
+        [
+            ({}, "AppData/Roaming/chat-py/env"),
+            ({"XDG_CONFIG_HOME": "{tmp}/xdg"}, "xdg/chat-py/env"),
+            ({"XDG_CONFIG_HOME": "relative"}, "AppData/Roaming/chat-py/env"),  # as on Linux
+            ({"CHAT_PY_CONFIG": "{tmp}/mine.env"}, "mine.env"),
+            ({"APPDATA": ""}, "home/.config/chat-py/env"),
+        ],
+    )
+    def test_the_settings_file(self, windows, tmp_path, variables, path):
+        environ = {**windows.environ, "HOME": str(tmp_path / "home")}
+        environ.update({name: value.format(tmp=tmp_path) for name, value in variables.items()})
+        assert chat.settings_path(chat.Env(environ=environ)) == str(tmp_path / path)
+
+    def test_the_settings_file_in_appdata_without_ownership_checks(self, windows, server):
+        path = Path(windows.environ["APPDATA"], "chat-py", "env")
+        write_settings(f"OPENAI_API_KEY={FAKE_KEY}\nOPENAI_BASE_URL={server.url}\n", path)
+        path.chmod(0o666)  # Linux refuses this file; Windows' stat cannot tell
+        CHOWN(path, 65534, 65534)  # and so would it this one, another user's
+        done = windows.run("q", key=None)
+        assert (done.code, done.out, done.err) == (0, "Hello!\n", "")
+        assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"
+
+    def test_a_settings_file_that_is_a_link_is_refused_by_lstat(self, windows, server, tmp_path):
+        path = Path(windows.environ["APPDATA"], "chat-py", "env")
+        path.parent.mkdir()
+        path.symlink_to(write_settings(f"OPENAI_BASE_URL={server.url}\n", tmp_path / "real.env"))
+        done = windows.run("q", key=None)
+        assert (done.code, done.out) == (2, "")
+        assert done.err == (
+            f"error: the settings file {path} is a symbolic link, which chat.py does not follow "
+            "(put the file itself there)\n"
+        )
+        assert server.requests == []
+
 
 class TestConversationModeWithoutReadline:
     def test_turns_go_on_and_the_banner_says_ctrl_z_then_enter(self, windows, server):
@@ -381,6 +419,16 @@ def test_a_real_process_without_the_posix_parts_answers_and_continues(windows, s
     assert (second.code, second.out, second.err) == (0, "a2\n", "")
     assert sent(server.bodies[1]) == [("user", "q1"), ("assistant", "a1"), ("user", "q2")]
     assert turns(windows.state) == [("q1", "a1"), ("q2", "a2")]
+
+
+def test_a_real_process_without_the_posix_parts_reads_the_settings_file(windows, server):
+    write_settings(
+        f"OPENAI_BASE_URL={server.url}\nOPENAI_MODEL=from-appdata\n",
+        Path(windows.environ["APPDATA"], "chat-py", "env"),
+    )
+    done = windows.process("q", key=None)
+    assert (done.code, done.out, done.err) == (0, "Hello!\n", "")
+    assert server.bodies[0]["model"] == "from-appdata"
 
 
 @pytest.mark.parametrize("encoding", ["cp1252", "ascii"])

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import requests
-from conftest import saved
+from conftest import saved, write_settings
 from PIL import Image
 from test_files import pdf_bytes, wav_bytes
 
@@ -441,21 +441,21 @@ def test_a_full_context_says_how_to_go_on(ask_model, server, tmp_path):
     assert done.err.endswith(" (no -c), or set a smaller --max-tokens)\n")
 
 
-def test_dotenv_base_url_on_loopback_is_used_and_elsewhere_refused(cli, server, tmp_path):
-    """A .env choosing the server: a loopback URL is fine even with a key from the environment;
-    0.0.0.0 (this machine too on Linux, but not a loopback address) gets no key from the
-    environment, and nothing is sent."""
-    (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={server.url}\n")
-    done = cli("--max-tokens", "5", "Hi.")
-    assert done.code == 0 and done.out.strip(), done.err
-    elsewhere = server.url.replace("127.0.0.1", "0.0.0.0")
-    (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={elsewhere}\n")
-    done = cli("-u", "--max-tokens", "5", "Hi.")
-    assert (done.code, done.out) == (2, "")
-    assert done.err.startswith(
-        f"error: ./.env sends requests to {elsewhere}, but the API key comes from"
+def test_configured_through_the_settings_file(cli, server, tmp_path):
+    """The server, chosen once in the user's own settings file: no --base-url, in any folder; a
+    .env there that names another server is ignored with a warning."""
+    write_settings(f"OPENAI_BASE_URL={server.url}\nOPENAI_MODEL={ALIAS}\n")
+    done = cli("--max-tokens", "5", "Hi.", key=None)
+    assert (done.code, done.err) == (0, "") and done.out.strip()
+    (tmp_path / ".env").write_text(
+        f"OPENAI_BASE_URL={server.url.replace('127.0.0.1', '0.0.0.0')}\n"
     )
-    assert cli("--max-tokens", "5", "Hi.", key=None).code == 0  # no key to take: it goes
+    done = cli("--max-tokens", "5", "-c", "Again.", key=None)
+    assert done.code == 0 and done.out.strip(), done.err
+    assert done.err.startswith("warning: .env: OPENAI_BASE_URL ignored: a .env sets only the key")
+    [turns] = saved().values()
+    assert [turn["base_url"] for turn in turns] == [server.url, server.url]
+    assert [turn["model"] for turn in turns] == [ALIAS, ALIAS]
 
 
 def test_ctrl_c_mid_stream(server, cli):

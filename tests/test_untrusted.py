@@ -29,14 +29,13 @@ from conftest import (
     saved,
     sse_response,
     stream_events,
+    write_settings,
 )
 
 import chat
 
-COLLECTOR = "https://collector.example/v1"
-ONLY_THREE = (
-    "a .env sets only OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL; set the others in your shell"
-)
+COLLECTOR = "http://collector.example/v1"
+DOTENV_KEY = "sk-test-of-this-dotenv"
 
 # A reply that would take over a terminal: OSC 52 (write the clipboard), an OSC 8 link, erase the
 # screen and home the cursor, a lone carriage return and backspaces (overwrite what was shown),
@@ -114,6 +113,15 @@ def redirect_to(location: str) -> bytes:
     ).encode()
 
 
+def only_key_and_model() -> str:
+    """What the .env warning says after "NAMES ignored: ", naming this test's settings file."""
+    settings = Path(os.environ["HOME"], ".config", "chat-py", "env")
+    return (
+        "a .env sets only the key and model; set the others in your shell (a base URL also "
+        f"with --base-url or in {settings})"
+    )
+
+
 def local_minute(when: datetime) -> str:
     return when.astimezone().strftime("%Y-%m-%d %H:%M")
 
@@ -133,79 +141,97 @@ def proxy(another_server, monkeypatch):
 
 
 class TestDotenvBaseUrl:
-    """The key goes where its owner sent it: a .env cannot send the environment's key away."""
+    """A .env holds a key, never a destination (v4; in v3 a loopback URL from .env got the key):
+    the URL a cloned repository's .env names gets nothing, on loopback or not, whoever's key, and
+    with -c the user's earlier conversation does not go there either. Questions go where the
+    user's own settings send them."""
 
-    REFUSED = (
-        "error: ./.env sends requests to https://collector.example/v1, but the API key comes "
-        "from your environment, not from that .env: chat.py will not send it there (if you "
-        "trust it, put the key in that .env too, or pass --base-url or export OPENAI_BASE_URL)\n"
-    )
+    @pytest.fixture
+    def direct_to_loopback(self, proxy, monkeypatch):
+        """The proxy gets whatever goes to any host but 127.0.0.1 (the user's server, and a
+        collector that is another user's server on this machine)."""
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        return proxy
+
+    @pytest.mark.parametrize("resume", [False, True], ids=["question", "-c"])
+    @pytest.mark.parametrize("key", ["exported", "from the .env", "none"])
+    @pytest.mark.parametrize("collector", ["loopback", "elsewhere"])
+    def test_the_dotenv_url_gets_nothing(
+        self, cli, server, another_server, direct_to_loopback, tmp_path, collector, key, resume
+    ):
+        write_settings(f"OPENAI_BASE_URL={server.url}\n")  # the user's own local server
+        if resume:  # a conversation from another project
+            (tmp_path / "another-project").mkdir()
+            assert cli("earlier", cwd=tmp_path / "another-project", key=None).code == 0
+        local = another_server() if collector == "loopback" else None
+        (tmp_path / ".env").write_text(
+            f"OPENAI_BASE_URL={local.url if local else COLLECTOR}\n"
+            + (f"OPENAI_API_KEY={DOTENV_KEY}\n" if key == "from the .env" else "")
+        )
+        done = cli(
+            *(["-c"] if resume else []), "the diff", key=FAKE_KEY if key == "exported" else None
+        )
+        warning = f"warning: .env: OPENAI_BASE_URL ignored: {only_key_and_model()}\n"
+        assert (done.code, done.out, done.err) == (0, "Hello!\n", warning)
+        assert direct_to_loopback.requests == []  # not even a CONNECT
+        assert local is None or local.requests == []
+        request = server.requests[-1]
+        sent_key = {"exported": FAKE_KEY, "from the .env": DOTENV_KEY}.get(key)
+        assert request.headers.get("authorization") == (sent_key and f"Bearer {sent_key}")
+        assert [message["content"] for message in request.body["messages"]] == (
+            ["earlier", "Hello!", "the diff"] if resume else ["the diff"]
+        )
+        assert [turn["base_url"] for turns in saved().values() for turn in turns][-1] == server.url
+
+    @pytest.mark.parametrize("key", ["exported", "from the .env", "none"])
+    def test_with_no_url_of_the_users_own_it_is_openai_or_nothing(
+        self, cli, another_server, proxy, tmp_path, key
+    ):
+        """Even a key and a URL from the same .env: the URL is ignored, and the default stays."""
+        local = another_server()
+        (tmp_path / ".env").write_text(
+            f"OPENAI_BASE_URL={local.url}\n"
+            + (f"OPENAI_API_KEY={DOTENV_KEY}\n" if key == "from the .env" else "")
+        )
+        done = cli("--retries", "0", "the diff", key=FAKE_KEY if key == "exported" else None)
+        warning = f"warning: .env: OPENAI_BASE_URL ignored: {only_key_and_model()}\n"
+        assert local.requests == []
+        if key == "none":
+            assert (done.code, done.out) == (2, "")
+            assert done.err == warning + (
+                "error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                "(see .env.example); a local server needs no key: pass its --base-url\n"
+            )
+            assert proxy.requests == []
+        else:  # the fake proxy answers a CONNECT with no tunnel: a network error, after it
+            assert (done.code, done.out) == (3, "")
+            assert done.err.startswith(warning + "error: ")
+            assert [(request.method, request.path) for request in proxy.requests] == [
+                ("CONNECT", "api.openai.com:443")
+            ]
 
     @pytest.mark.parametrize(
-        "dotenv, args",
+        "args, env",
         [
-            (f"OPENAI_BASE_URL={COLLECTOR}\n", ["q"]),
-            # a key planted next to the URL does not help: the environment's key wins, and it is the
-            # user's key that would be sent
-            (f"OPENAI_API_KEY=sk-test-planted-by-the-repo\nOPENAI_BASE_URL={COLLECTOR}\n", ["q"]),
-            (f"OPENAI_BASE_URL={COLLECTOR}\n", ["--models"]),
+            (["--base-url", "http://models.example/v1"], {}),
+            ([], {"OPENAI_BASE_URL": "http://models.example/v1"}),
         ],
-        ids=["question", "planted key", "--models"],
+        ids=["--base-url", "OPENAI_BASE_URL exported"],
     )
-    def test_an_environment_key_is_not_sent_to_a_dotenv_url(
-        self, cli, proxy, tmp_path, dotenv, args
-    ):
-        (tmp_path / ".env").write_text(dotenv)
-        done = cli(*args)
-        assert (done.code, done.out, done.err) == (2, "", self.REFUSED)
-        assert proxy.requests == []  # not even a CONNECT
-
-    def test_a_loopback_dotenv_url_gets_the_environment_key(self, cli, server, tmp_path):
-        (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={server.url}\n")
-        done = cli("q")
-        assert (done.code, done.out, done.err) == (0, "Hello!\n", "")
-        assert server.requests[0].headers["authorization"] == f"Bearer {FAKE_KEY}"
-
-    @pytest.mark.parametrize(
-        "dotenv, args, env, key, host, sent_key",
-        [
-            (
-                "OPENAI_API_KEY=sk-test-of-this-dotenv\nOPENAI_BASE_URL=http://collector.example/v1\n",
-                [],
-                {},
-                None,
-                "collector.example",
-                "sk-test-of-this-dotenv",
-            ),
-            (
-                f"OPENAI_BASE_URL={COLLECTOR}\n",
-                ["--base-url", "http://models.example/v1"],
-                {},
-                FAKE_KEY,
-                "models.example",
-                FAKE_KEY,
-            ),
-            (
-                f"OPENAI_BASE_URL={COLLECTOR}\n",
-                [],
-                {"OPENAI_BASE_URL": "http://models.example/v1"},
-                FAKE_KEY,
-                "models.example",
-                FAKE_KEY,
-            ),
-        ],
-        ids=["key and URL from one .env", "--base-url", "OPENAI_BASE_URL exported"],
-    )
-    def test_the_users_own_choice_of_url_goes_as_before(
-        self, cli, proxy, tmp_path, dotenv, args, env, key, host, sent_key
-    ):
-        (tmp_path / ".env").write_text(dotenv)
-        done = cli(*args, "q", env=env, key=key)
+    def test_the_users_own_choice_of_url_goes_as_before(self, cli, proxy, tmp_path, args, env):
+        (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={COLLECTOR}\n")
+        done = cli(*args, "q", env=env)
         assert (done.code, done.out) == (0, "via the proxy\n")
-        assert done.err == f"warning: sending the API key unencrypted to {host} over http://\n"
+        assert done.err == (
+            f"warning: .env: OPENAI_BASE_URL ignored: {only_key_and_model()}\n"
+            "warning: sending the API key unencrypted to models.example over http://\n"
+        )
         [request] = proxy.requests
-        assert (request.method, request.path) == ("POST", f"http://{host}/v1/chat/completions")
-        assert request.headers["authorization"] == f"Bearer {sent_key}"
+        assert (request.method, request.path) == (
+            "POST",
+            "http://models.example/v1/chat/completions",
+        )
+        assert request.headers["authorization"] == f"Bearer {FAKE_KEY}"
 
 
 def test_proxies_and_a_ca_bundle_in_dotenv_never_reach_requests(
@@ -226,7 +252,7 @@ def test_proxies_and_a_ca_bundle_in_dotenv_never_reach_requests(
     assert (done.code, done.out) == (0, "Hello!\n")
     assert done.err == (
         f"warning: .env: ALL_PROXY, HTTPS_PROXY, HTTP_PROXY, REQUESTS_CA_BUNDLE, "
-        f"http_proxy ignored: {ONLY_THREE}\n"
+        f"http_proxy ignored: {only_key_and_model()}\n"
     )
     assert proxy.requests == []  # no CONNECT, no GET, no POST
     assert [(request.method, request.path) for request in server.requests] == [
@@ -252,7 +278,9 @@ def default_state(cli, monkeypatch) -> Path:
 class TestDotenvStateFolder:
     """A .env cannot move the conversations into the repository (to read them, or to plant one)."""
 
-    WARNING = f"warning: .env: CHAT_PY_HOME, XDG_STATE_HOME ignored: {ONLY_THREE}\n"
+    @property
+    def WARNING(self) -> str:  # noqa: N802 (it names this test's settings file)
+        return f"warning: .env: CHAT_PY_HOME, XDG_STATE_HOME ignored: {only_key_and_model()}\n"
 
     @pytest.mark.parametrize("environment", ["CHAT_PY_HOME set", "CHAT_PY_HOME unset"])
     def test_conversations_are_saved_in_the_users_state_folder(
