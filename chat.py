@@ -972,7 +972,8 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
                 original = file.read() if reason is None and size <= len(data) else None
     except Image.UnidentifiedImageError:
         raise UsageError(
-            f"{path} is not an image chat.py can send ({PART_KINDS['image_url'].formats})"
+            f"cannot decode image {path}: not an image chat.py can send "
+            f"({PART_KINDS['image_url'].formats})"
         ) from None
     except OSError as exc:
         if exc.strerror:  # the file itself: missing, a directory, no permission

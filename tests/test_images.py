@@ -362,6 +362,8 @@ class TestImagesOnTheWire:
         assert header == "data:image/jpeg;base64"
         assert Image.open(io.BytesIO(base64.b64decode(data))).size == size
 
+    NOT_SENDABLE = "not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)"
+
     @pytest.mark.parametrize(
         "name, content, message",
         [
@@ -370,12 +372,12 @@ class TestImagesOnTheWire:
             (
                 "empty.png",
                 b"",
-                "empty.png is not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)",
+                f"cannot decode image empty.png: {NOT_SENDABLE}",
             ),
             (
                 "notes.jpg",
                 b"this is not a picture\n",
-                "notes.jpg is not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)",
+                f"cannot decode image notes.jpg: {NOT_SENDABLE}",
             ),
             (
                 "cut.jpg",

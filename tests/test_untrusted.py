@@ -687,7 +687,8 @@ class TestImagesAreRasterImages:
         )
         assert (done.code, done.out) == (2, "")
         assert done.err == (
-            "error: cat.png is not an image chat.py can send (PNG, JPEG, GIF, WebP, BMP, TIFF)\n"
+            "error: cannot decode image cat.png: not an image chat.py can send "
+            "(PNG, JPEG, GIF, WebP, BMP, TIFF)\n"
         )
         assert not mark.exists() and server.requests == []
 
