@@ -441,12 +441,16 @@ def test_a_full_context_says_how_to_go_on(ask_model, server, tmp_path):
     assert done.err.endswith(" (no -c), or set a smaller --max-tokens)\n")
 
 
+CUT_OFF = "warning: the reply was cut off at the token limit (finish_reason: length)\n"
+
+
 def test_configured_through_the_settings_file(cli, server, tmp_path):
     """The server, chosen once in the user's own settings file: no --base-url, in any folder; a
     .env there that names another server is ignored with a warning."""
     write_settings(f"OPENAI_BASE_URL={server.url}\nOPENAI_MODEL={ALIAS}\n")
     done = cli("--max-tokens", "5", "Hi.", key=None)
-    assert (done.code, done.err) == (0, "") and done.out.strip()
+    assert done.code == 0 and done.out.strip(), done.err
+    assert done.err in ("", CUT_OFF)  # 5 tokens may not be the whole answer
     (tmp_path / ".env").write_text(
         f"OPENAI_BASE_URL={server.url.replace('127.0.0.1', '0.0.0.0')}\n"
     )
