@@ -176,11 +176,13 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 TURN_TEXTS = ("time", "model", "system", "answered_by")  # fields of a saved turn that are text
 # A retried turn's line starts with this, so --chats can count turns without parsing lines.
 RETRY_LINE_START = b'{"retry": true'
+UNDO_LINE = b'{"undo": true}'  # /undo appends it: the turn before it is dropped
 HISTORY_FILE, HISTORY_LINES = (
     "history",
     1000,
 )  # conversation mode's line history, in the state folder
 
+PASTE_ON = "\x1b[?2004h"  # bracketed paste: the terminal marks a paste, so it is one message
 READ_SIZE = 64 * 1024  # most bytes taken from the socket per read
 MAX_TOOL_CALLS = 1000  # in one reply; their names, ids and arguments count toward MAX_REPLY too
 LINE_CHARS, BANNER_CHARS = 300, 80  # the longest error: or warning: line, banner line
@@ -1041,6 +1043,15 @@ def attachment(
         return file_block(source, decode_utf8(data, source, env)), f"{note}; inline in the question"
     value = PART_KINDS[kind].value(source, data, base64.b64encode(data).decode("ascii"))
     return {"type": kind, kind: value}, f"{note}; sent as it is ({kind} part)"
+
+
+def split_attached(attached: list[tuple]) -> tuple[list[str], list[dict], list[str]]:
+    """The text blocks, the content parts and the parts' sources in (source, attachment, note)s."""
+    return (
+        [item for _, item, _ in attached if isinstance(item, str)],
+        [item for _, item, _ in attached if isinstance(item, dict)],
+        [source for source, item, _ in attached if isinstance(item, dict)],
+    )
 
 
 # ----------------------------------------------------------------- transport
@@ -2210,6 +2221,9 @@ def load_turns(path: str, env: Env) -> list[dict]:
     for number, line in enumerate(read_private(path).split(b"\n"), 1):  # U+2028 is no line break
         if not line.strip():
             continue
+        if line.strip() == UNDO_LINE:
+            turns = turns[:-1]
+            continue
         try:
             turn = json.loads(line)
         except (ValueError, RecursionError):
@@ -2268,18 +2282,23 @@ def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]
         os.close(fd)
 
 
-def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
-    """Keep a finished turn (a retry replaces the last); a failure to save is a warning."""
-    if retry:
-        conversation.turns.pop()
-    conversation.turns.append(turn)
+def save_line(conversation: Conversation, line: dict, env: Env) -> None:
+    """Append a line to a saved conversation's file; a failure to save is a warning."""
     try:
         if conversation.save:
-            append_line(conversation, {"retry": True, **turn} if retry else turn, env.secrets)
+            append_line(conversation, line, env.secrets)
     except UsageError as exc:
         env.warn(f"could not save the conversation: {exc}", f" {exc.hint}" if exc.hint else "")
     except OSError as exc:
         env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
+
+
+def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
+    """Keep a finished turn (a retry replaces the last)."""
+    if retry:
+        conversation.turns.pop()
+    conversation.turns.append(turn)
+    save_line(conversation, {"retry": True, **turn} if retry else turn, env)
 
 
 def make_turn(
@@ -2314,13 +2333,15 @@ def list_conversations(folder: str, env: Env) -> None:
         env.say(f"no saved conversations in {folder}")
     width = max((len(name) for _, name in saved), default=0)
     for mtime, name in saved:
-        lines = read_private(os.path.join(folder, f"{name}.jsonl")).split(b"\n")
-        turns = sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
-        try:
-            question = one_line(
-                message_text(json.loads(lines[0])["user"]["content"]) or "", room=60
-            )
-        except (ValueError, KeyError, TypeError, RecursionError):
+        path = os.path.join(folder, f"{name}.jsonl")
+        lines = read_private(path).split(b"\n")
+        turns = sum(
+            1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START)
+        ) - 2 * lines.count(UNDO_LINE)  # an undo line drops itself and the turn before it
+        try:  # the first question, unless /undo dropped it
+            first = load_turns(path, env)[0] if UNDO_LINE in lines else json.loads(lines[0])
+            question = one_line(message_text(first["user"]["content"]) or "", room=60)
+        except (ValueError, KeyError, TypeError, RecursionError, IndexError):
             question = "?"
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime / 1e9))
         env.write(f"{name:<{width}}  {plural(turns, 'turn'):>9}  {when}  {question}\n")
@@ -2888,9 +2909,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
     attached = [
         (source, *attachment(source, args.detail, env, image)) for source, image in args.attach
     ]
-    files = [item for _, item, _ in attached if isinstance(item, str)]
-    parts = [item for _, item, _ in attached if isinstance(item, dict)]
-    names = [source for source, item, _ in attached if isinstance(item, dict)]
+    files, parts, names = split_attached(attached)
     interactive = not args.question and piped is None and not args.curl
     question = build_question(args.question, piped, files)
     if not question and not interactive:
@@ -2913,7 +2932,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
     with requests.Session() as session:
         chat = Chat(env, server, settings, conversation, session, interactive)
         if interactive:
-            return converse(chat, files, names, parts, args.detail)
+            return converse(chat, attached, args.detail)
         ask(chat, build_user_message(question, parts), names)
     return ExitStatus.OK
 
@@ -2970,37 +2989,148 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
 
 # ------------------------------------------------------------------ conversation mode
 
-COMMANDS = ("/help", "/exit", "/quit", "/reset", "/retry", "/model", "/system")
-HELP = """\
-/help          this list
-/exit, /quit   leave (so do exit, quit and Ctrl-D); Ctrl-C drops the line being typed
-/reset         start a new conversation (the old one stays saved)
-/retry         ask the last question again
-/model NAME    use another model from the next question on
-/system TEXT   set the system prompt from the next question on
-\"\"\"            on a line of its own: start a multi-line message; end it with another
-//text         send "/text" as a message"""
+
+def leaving_keys() -> str:
+    return "Ctrl-Z then Enter" if WINDOWS else "Ctrl-D"
 
 
-def parse_command(line: str) -> tuple[str, str]:
-    """The /command in a line and its argument, or ("", "") for a message (// starts one)."""
+class Talk:
+    """Conversation mode between replies: the chat, what goes with the next message (-f and
+    --image: the first question that gets an answer; /file and /image: the next), and the last
+    question while it has no answer. Its methods are the commands' handlers (COMMANDS)."""
+
+    def __init__(self, chat: Chat, attached: list[tuple], detail: str | None, terminal=None):
+        self.chat, self.env, self.detail, self.terminal = chat, chat.env, detail, terminal
+        self.startup, self.pending, self.unanswered = attached, list(attached), None
+
+    def send(self, user_message: dict, names: list[str], retry: bool = False) -> bool:
+        """Ask, and say whether the turn was kept; a failure is told and the session goes on."""
+        if self.terminal:  # readline turned bracketed paste off: a paste now is one message too
+            print(PASTE_ON, end="", file=self.terminal, flush=True)
+        try:
+            ask(self.chat, user_message, names, retry)
+            return True
+        except KeyboardInterrupt:
+            self.env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
+        except ChatError as exc:
+            self.env.error(exc, "" if getattr(exc, "overflow", False) else "(/retry to ask again)")
+        return False
+
+    def ask_message(self, text: str) -> None:
+        files, parts, names = split_attached(self.pending)
+        if self.send(build_user_message(build_question([], text, files), parts), names):
+            self.pending, self.unanswered = [], None
+        else:
+            self.unanswered = text
+
+    def show_help(self, _) -> None:
+        self.env.say(
+            "\n".join(
+                f"{', '.join(names) + ' ' + argument:<19} {text.format(keys=leaving_keys())}"
+                for names, argument, text, _ in COMMANDS
+            )
+            + '\n"""                 alone on a line: starts or ends a multi-line message'
+            '\n//text              send "/text" as a message; Ctrl-C drops the line being typed'
+        )
+
+    def reset(self, _) -> None:
+        old = self.chat.conversation
+        self.chat.conversation = Conversation(old.folder, new_name(old.folder), save=old.save)
+        self.pending = self.startup + [item for item in self.pending if item not in self.startup]
+        self.unanswered = None
+        self.env.say(
+            f"(new conversation {self.chat.conversation.name}; "
+            + ("the last one stays saved)" if old.save and old.turns else "nothing was saved)")
+        )
+
+    def retry(self, _) -> None:
+        turns = self.chat.conversation.turns
+        if self.unanswered is not None:
+            self.ask_message(self.unanswered)
+        elif turns:
+            names = turns[-1].get("attachments")
+            self.send(turns[-1]["user"], names if isinstance(names, list) else [], retry=True)
+        else:
+            self.env.say("(nothing to retry yet)")
+
+    def undo(self, _) -> None:
+        """Drop the last turn; its file gets a marker line, since files are never rewritten."""
+        conversation = self.chat.conversation
+        if not conversation.turns:
+            return self.env.say("(nothing to undo)")
+        save_line(conversation, json.loads(UNDO_LINE), self.env)
+        question = message_text(conversation.turns.pop()["user"].get("content")) or ""
+        self.env.say(
+            f"(undone: {one_line(question, room=40)!r}; "
+            f"{plural(len(conversation.turns), 'turn')} left)"
+        )
+
+    def model(self, name: str | None) -> None:
+        self.chat.settings.model = name or self.chat.settings.model
+        self.env.say(f"(model: {self.chat.settings.model})")
+
+    def system(self, text: str | None) -> None:
+        if text is not None:
+            self.chat.settings.system = None if text in ("", "none") else text
+        self.env.say(f"(system prompt: {self.chat.settings.system or 'none'})")
+
+    def attach(self, source: str | None, image: bool = False) -> None:
+        if source is None:
+            return self.env.say(
+                f"(with the next message: {', '.join(s for s, *_ in self.pending) or 'nothing'})"
+            )
+        source = os.path.expanduser(source)
+        self.pending.append((source, *attachment(source, self.detail, self.env, image)))
+        self.env.say(f"({self.pending[-1][2]}; it goes with the next message)")
+
+
+# Conversation mode's commands: names, argument, help ({keys}: how to leave), and the handler,
+# given the argument (None when none was typed; a true result leaves). A new command is a row.
+COMMANDS = [
+    (("/help",), "", "this list", Talk.show_help),
+    (
+        ("/exit", "/quit"),
+        "",
+        "leave (so do exit, quit and {keys})",
+        lambda talk, _: True,
+    ),
+    (("/reset",), "", "start a new conversation (the old file stays)", Talk.reset),
+    (("/retry",), "", "ask the last question again", Talk.retry),
+    (("/undo",), "", "drop the last question and its answer", Talk.undo),
+    (("/model",), "NAME", "use another model from the next question on", Talk.model),
+    (("/system",), "TEXT", "set the system prompt ('' or none: no system prompt)", Talk.system),
+    (("/file",), "PATH", "attach a file to the next message, as -f does", Talk.attach),
+    (
+        ("/image",),
+        "PATH_OR_URL",
+        "attach an image to the next message, as --image does",
+        lambda talk, source: talk.attach(source, image=True),
+    ),
+]
+COMMAND_NAMED = {name: row for row in COMMANDS for name in row[0]}
+
+
+def unquoted(text: str) -> str:
+    """An argument without quotes around it: /system '' is no system prompt, as -s '' is."""
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+
+
+def parse_command(line: str) -> tuple:
+    """The handler of a line's /command and its argument (None: none typed), or (None, None)
+    for a message: words not led by a command, //text, a paste or block of lines."""
     word, *rest = line.split(maxsplit=1) or [""]
-    if not word.startswith("/") or word.startswith("//") or (rest and word not in COMMANDS):
-        return "", ""
-    return word, rest[0].strip() if rest else ""
-
-
-def run_command(command: str, argument: str, settings: Settings) -> str:
-    """What /help, /model, /system and an unknown command answer."""
-    if command == "/help":
-        return HELP
-    if command == "/model":
-        settings.model = argument or settings.model
-        return f"(model: {settings.model})"
-    if command == "/system":
-        settings.system = argument or settings.system
-        return f"(system prompt: {settings.system or 'none'})"
-    return f"(unknown command {command}, /help lists them; //{command[1:]} sends it as a message)"
+    if (
+        not word.startswith("/")
+        or word.startswith("//")
+        or "\n" in line
+        or (rest and word not in COMMAND_NAMED)  # "/usr/bin is what?" is a question
+    ):
+        return None, None
+    if word not in COMMAND_NAMED:
+        raise UsageError(
+            f"unknown command {word}", hint=f"(/help lists them; /{word} sends it as a message)"
+        )
+    return COMMAND_NAMED[word][3], unquoted(rest[0].strip()) if rest else None
 
 
 def banner(chat: Chat) -> str:
@@ -3013,7 +3143,7 @@ def banner(chat: Chat) -> str:
     parts = [
         f"conversation {conversation.name}",
         state + ("" if conversation.save else ", nothing is saved"),
-        f"/help · {'Ctrl-Z then Enter' if WINDOWS else 'Ctrl-D'} leaves",
+        f"/help · {leaving_keys()} leaves",
     ]
     together = " · ".join(parts)
     lines += [together] if len(together) <= BANNER_CHARS else [parts[0], " · ".join(parts[1:])]
@@ -3022,22 +3152,22 @@ def banner(chat: Chat) -> str:
     )
 
 
-def enable_line_editing(history: str) -> bool:
+def enable_line_editing(history: str) -> int | None:
     """Readline with its history, and bracketed paste (a pasted block is one message). Returns
-    whether readline ends the line after Ctrl-D itself, as GNU readline 8.2 does with paste on."""
+    None without readline, 0 for libedit (no bracketed paste), else GNU readline's version."""
     try:
         import readline
     except ImportError:
-        return False
+        return None
     try:
         for line in read_private(history).decode("utf-8", "replace").splitlines():
             readline.add_history(line)
     except UsageError:
         pass  # no history yet, or a file chat.py will not read
     if "libedit" in (readline.__doc__ or ""):
-        return False
+        return 0
     readline.parse_and_bind("set enable-bracketed-paste on")
-    return getattr(readline, "_READLINE_RUNTIME_VERSION", 0) >= 0x0802
+    return getattr(readline, "_READLINE_RUNTIME_VERSION", 1)
 
 
 def save_history(history: str, env: Env) -> None:
@@ -3066,14 +3196,15 @@ def save_history(history: str, env: Env) -> None:
         )
 
 
-def read_message(env: Env) -> str:
-    """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal."""
+def read_message(env: Env, on_terminal: bool) -> str:
+    """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal
+    (to input() when fd 1 is one)."""
 
     def read_line(prompt: str) -> str:
-        if not env.stdout_tty:
+        if not on_terminal:
             env.stderr.write(prompt)
             env.stderr.flush()
-        return env.read_line(prompt if env.stdout_tty else "")
+        return env.read_line(prompt if on_terminal else "")
 
     line = read_line("> ")
     if line.strip() != '"""':
@@ -3084,67 +3215,42 @@ def read_message(env: Env) -> str:
     return "\n".join(lines).strip("\n")
 
 
-def converse(
-    chat: Chat, files: list[str], names: list[str], parts: list[dict], detail: str | None
-) -> int:
+def converse(chat: Chat, attached: list[tuple], detail: str | None) -> int:
     """The conversation mode: read a message, send the whole conversation, show the reply."""
     env, history = chat.env, os.path.join(chat.conversation.folder, HISTORY_FILE)
-    editing = env.read_line is input and env.stdout_tty
-    readline_ends_eof_line = editing and enable_line_editing(history)
+    shown = env.stdout_tty or env.stderr_tty  # where readline can show the line
+    editing = enable_line_editing(history) if env.read_line is input and shown else None
+    if editing is not None and not env.stdout_tty:
+        # input() edits only when fd 1 is a terminal: fd 1 becomes stderr's for the whole
+        # conversation, and the replies go to a copy of the redirected stdout.
+        env.stdout = open(os.dup(1), "w", encoding="utf-8", errors="replace")
+        os.dup2(2, 1)
     env.say(banner(chat))
-    # The last question and its images; --image and -f go with the first one that gets an answer.
-    last = (chat.conversation.turns[-1]["user"], []) if chat.conversation.turns else None
-    attached = False
+    talk = Talk(chat, attached, detail, sys.stdout if editing else None)
     try:
         while True:
             try:
-                line = read_message(env)
+                line = read_message(env, env.stdout_tty or editing is not None)
             except KeyboardInterrupt:  # as in a shell: the line (or block) is dropped
                 env.stderr.write("\n")
                 continue
             except EOFError:
-                if not readline_ends_eof_line:
+                if (editing or 0) < 0x0802:  # GNU readline 8.2 ends the line after Ctrl-D itself
                     env.stderr.write("\n")  # the shell's prompt starts on a line of its own
                 return ExitStatus.OK
-            command, argument = parse_command(line)
-            if line.strip().lower() in ("exit", "quit") or command in ("/exit", "/quit"):
+            if line.strip().lower() in ("exit", "quit"):
                 return ExitStatus.OK
-            if command == "/reset":
-                folder = chat.conversation.folder
-                chat.conversation = Conversation(
-                    folder, new_name(folder), save=chat.conversation.save
-                )
-                last, attached = None, False
-                env.say(f"(new conversation {chat.conversation.name}; the last one stays saved)")
-                continue
-            if command == "/retry" and last is None:
-                env.say("(nothing to retry yet)")
-                continue
-            if command not in ("", "/retry"):
-                env.say(run_command(command, argument, chat.settings))
-                continue
-            if not command and not line.strip():
-                continue
-            if not command:
-                text = line[1:] if line.startswith("//") else line
-                now = (
-                    ([], [], []) if attached else (files, parts, names)
-                )  # text blocks, parts, the parts' names
-                last = build_user_message(build_question([], text, now[0]), now[1]), now[2]
-            turns = chat.conversation.turns
             try:
-                ask(
-                    chat,
-                    *last,
-                    retry=command == "/retry" and bool(turns) and turns[-1]["user"] is last[0],
-                )
-                attached = True
-            except KeyboardInterrupt:
-                env.stdout.write("\n")  # the partial reply stays on screen; the turn is not kept
-            except ChatError as exc:
-                env.error(exc, "" if getattr(exc, "overflow", False) else "(/retry to ask again)")
+                handler, argument = parse_command(line)
+                if handler and handler(talk, argument):
+                    return ExitStatus.OK
+            except UsageError as exc:
+                env.error(exc)
+                continue
+            if not handler and line.strip():
+                talk.ask_message(line[1:] if line.startswith("//") else line)
     finally:
-        if editing and chat.conversation.save:
+        if editing is not None and chat.conversation.save:
             save_history(history, env)
 
 
