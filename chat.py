@@ -3127,6 +3127,7 @@ def parse_command(line: str) -> tuple:
     ):
         return None, None
     if word not in COMMAND_NAMED:
+        word = word if len(word) <= 40 else word[:39] + "…"
         raise UsageError(
             f"unknown command {word}", hint=f"(/help lists them; /{word} sends it as a message)"
         )
@@ -3196,9 +3197,10 @@ def save_history(history: str, env: Env) -> None:
         )
 
 
-def read_message(env: Env, on_terminal: bool) -> str:
-    """A line, a pasted block, or the lines between two \"\"\" lines; prompts go to the terminal
-    (to input() when fd 1 is one)."""
+def read_message(env: Env, on_terminal: bool) -> tuple[str, bool]:
+    """A line, a pasted block, or the lines between two \"\"\" lines, and whether it was one
+    line typed (only that can be a command); prompts go to the terminal (to input() when fd 1
+    is one)."""
 
     def read_line(prompt: str) -> str:
         if not on_terminal:
@@ -3208,11 +3210,13 @@ def read_message(env: Env, on_terminal: bool) -> str:
 
     line = read_line("> ")
     if line.strip() != '"""':
-        return line.strip("\n") if "\n" in line else line.strip()  # a paste keeps its indentation
+        if "\n" in line:  # a paste keeps its indentation
+            return line.strip("\n"), False
+        return line.strip(), True
     lines = []
     while (line := read_line("... ")).strip() != '"""':
         lines.append(line)
-    return "\n".join(lines).strip("\n")
+    return "\n".join(lines).strip("\n"), False
 
 
 def converse(chat: Chat, attached: list[tuple], detail: str | None) -> int:
@@ -3230,7 +3234,7 @@ def converse(chat: Chat, attached: list[tuple], detail: str | None) -> int:
     try:
         while True:
             try:
-                line = read_message(env, env.stdout_tty or editing is not None)
+                line, typed = read_message(env, env.stdout_tty or editing is not None)
             except KeyboardInterrupt:  # as in a shell: the line (or block) is dropped
                 env.stderr.write("\n")
                 continue
@@ -3241,7 +3245,7 @@ def converse(chat: Chat, attached: list[tuple], detail: str | None) -> int:
             if line.strip().lower() in ("exit", "quit"):
                 return ExitStatus.OK
             try:
-                handler, argument = parse_command(line)
+                handler, argument = parse_command(line) if typed else (None, None)
                 if handler and handler(talk, argument):
                     return ExitStatus.OK
             except UsageError as exc:

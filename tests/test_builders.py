@@ -243,22 +243,30 @@ def test_a_limit_spent_on_reasoning_counts_only_reported_tokens(usage):
 
 
 @pytest.mark.parametrize(
-    "line, command",
+    "line, name, argument",
     [
-        ("/help", ("/help", "")),
-        ("/model  tiny-model ", ("/model", "tiny-model")),
-        ("/system Be brief. Very.", ("/system", "Be brief. Very.")),
-        ("/frobnicate", ("/frobnicate", "")),
-        ("/usr/bin/env is what?", ("", "")),
-        ("//help", ("", "")),
-        ("hello /help", ("", "")),
-        ("/etc/hosts\nexplain this", ("", "")),
-        ("", ("", "")),
-        ("/exit", ("/exit", "")),
+        ("/help", "/help", None),
+        ("/model  tiny-model ", "/model", "tiny-model"),
+        ("/system Be brief. Very.", "/system", "Be brief. Very."),
+        ("/system ''", "/system", ""),
+        ('/system "Be brief."', "/system", "Be brief."),
+        ("/exit", "/exit", None),
+        ("/quit", "/exit", None),
+        ("/usr/bin/env is what?", None, None),
+        ("//help", None, None),
+        ("hello /help", None, None),
+        ("/etc/hosts\nexplain this", None, None),
+        ("", None, None),
     ],
 )
-def test_parse_command(line, command):
-    assert chat.parse_command(line) == command
+def test_parse_command(line, name, argument):
+    handler = chat.COMMAND_NAMED[name][3] if name else None
+    assert chat.parse_command(line) == (handler, argument)
+
+
+def test_an_unknown_command_is_an_error_not_a_message():
+    with pytest.raises(chat.UsageError, match=r"^unknown command /frobnicate$"):
+        chat.parse_command("/frobnicate")
 
 
 class TestRetryTiming:
