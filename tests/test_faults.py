@@ -524,7 +524,7 @@ class TestContextOverflow:
         os.makedirs(folder, mode=0o700)
         turns = [
             {
-                "time": "2026-01-0%dT10:00:00Z" % n,
+                "time": f"2026-01-0{n}T10:00:00Z",
                 "model": "test-model",
                 "user": {"role": "user", "content": f"question {n}"},
                 "assistant": f"answer {n}",

@@ -27,7 +27,7 @@ def sse_streams(draw):
     texts = draw(st.lists(delta_text, max_size=12))
     thoughts = draw(st.lists(delta_text, min_size=len(texts), max_size=len(texts)))
     raw, events = b"", []
-    for text, thought in zip(texts, thoughts):
+    for text, thought in zip(texts, thoughts, strict=True):
         end = draw(line_end)
         for line in draw(st.lists(garbage_line, max_size=2)):
             raw += line + end
@@ -62,7 +62,7 @@ def sse_streams(draw):
 
 def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({cut % (len(data) + 1) for cut in cuts})
-    return [data[start:end] for start, end in zip([0] + points, points + [len(data)])]
+    return [data[start:end] for start, end in zip([0] + points, points + [len(data)], strict=True)]
 
 
 def decode_all(chunks) -> list[tuple[str, str]]:

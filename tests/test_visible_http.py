@@ -151,7 +151,7 @@ class TestVerbose:
             "* image https://example.com/x.jpg: sent as given",
             "* image data:image/gif;base64,…(408 characters): sent as given",
         ]
-        for part, mime in zip(parts, ("jpeg", "png", None, "gif")):
+        for part, mime in zip(parts, ("jpeg", "png", None, "gif"), strict=True):
             url = part["image_url"]["url"]
             if mime:
                 data = url.split(",", 1)[1]
