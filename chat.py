@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 # requests, python-dotenv and Pillow are imported where they are used: --help, --chats, --show,
 # --curl and usage errors start without them.
 
-__version__ = "3.0.0"
+__version__ = "4.0.0"
 
 DEFAULT_MODEL = "gpt-5.4-mini"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
