@@ -1002,14 +1002,14 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", note
 
 
-def image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
+def read_image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
     """The URL to send for --image (URLs as given, files inlined), and a note for -v."""
     if source.startswith(("http://", "https://", "data:")):
         return source, f"image {elide_base64(source)}: sent as given"
     return encode_image_file(source, detail, env)
 
 
-def attachment(
+def read_attachment(
     source: str, detail: str | None, env: Env, image: bool = False
 ) -> tuple[str | dict, str]:
     """What -f SOURCE (image=True: --image) adds to the question, judged by the file's content:
@@ -1017,7 +1017,7 @@ def attachment(
     import base64
 
     if image:
-        url, note = image_url(source, detail, env)
+        url, note = read_image_url(source, detail, env)
         return {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}, note
     try:
         with open_input(env.path(source)) as file:
@@ -1037,7 +1037,7 @@ def attachment(
             f"chat.py can send: {', '.join(sendable)}"
         )
     if kind == "image_url":
-        return attachment(source, detail, env, image=True)
+        return read_attachment(source, detail, env, image=True)
     note = f"{PART_KINDS[kind].word} {source}: {len(data):,} bytes"
     if kind == "text":
         return file_block(source, decode_utf8(data, source, env)), f"{note}; inline in the question"
@@ -1461,7 +1461,7 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
     return response
 
 
-def call(
+def send_with_retries(
     session,
     server: Server,
     path: str,
@@ -2293,7 +2293,7 @@ def save_line(conversation: Conversation, line: dict, env: Env) -> None:
         env.warn(f"could not save the conversation to {conversation.path}: {exc.strerror or exc}")
 
 
-def keep_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
+def save_turn(conversation: Conversation, turn: dict, env: Env, retry: bool = False) -> None:
     """Keep a finished turn (a retry replaces the last)."""
     if retry:
         conversation.turns.pop()
@@ -2655,7 +2655,7 @@ def read_settings(env: Env) -> dict[str, str]:
     )
 
 
-def make_server(args: argparse.Namespace, env: Env) -> Server:
+def read_server_settings(args: argparse.Namespace, env: Env) -> Server:
     """The base URL, key and model: the command line, the environment, ./.env (key and model
     only), the settings file, then chat.py's defaults."""
     env.configured.update(read_dotenv(env))
@@ -2786,7 +2786,7 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
 
     outcome = "interrupted"
     try:
-        reply = call(
+        reply = send_with_retries(
             chat.session,
             server,
             "/chat/completions",
@@ -2835,7 +2835,7 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
         env.say(usage_line(reply.usage))
     if settings.schema:
         check_json_reply(reply.text, settings.schema)
-    keep_turn(
+    save_turn(
         chat.conversation,
         make_turn(body, user_message, reply, attached, server.base_url),
         env,
@@ -2850,7 +2850,7 @@ def print_models(server: Server, verbose: bool, env: Env) -> int:
 
     trace = Trace(env, server.key) if verbose else None
     with requests.Session() as session:
-        models = call(
+        models = send_with_retries(
             session,
             server,
             "/models",
@@ -2896,7 +2896,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
     folder = state_dir(env)
     if args.chats or args.show is not None or args.forget:
         return manage_conversations(args, folder, env)
-    server = make_server(args, env)
+    server = read_server_settings(args, env)
     if args.models:
         check_key(server, env)
         return print_models(server, args.verbose, env)
@@ -2907,7 +2907,7 @@ def run(args: argparse.Namespace, env: Env) -> int:
     piped = read_piped_stdin(env)
     # (source, a text block or a content part, a note for -v) for each -f and --image, in order
     attached = [
-        (source, *attachment(source, args.detail, env, image)) for source, image in args.attach
+        (source, *read_attachment(source, args.detail, env, image)) for source, image in args.attach
     ]
     files, parts, names = split_attached(attached)
     interactive = not args.question and piped is None and not args.curl
@@ -3080,7 +3080,7 @@ class Talk:
                 f"(with the next message: {', '.join(s for s, *_ in self.pending) or 'nothing'})"
             )
         source = os.path.expanduser(source)
-        self.pending.append((source, *attachment(source, self.detail, self.env, image)))
+        self.pending.append((source, *read_attachment(source, self.detail, self.env, image)))
         self.env.say(f"({self.pending[-1][2]}; it goes with the next message)")
 
 

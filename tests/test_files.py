@@ -263,11 +263,11 @@ def test_each_kind_is_known_by_its_first_bytes(tmp_path, start, judged):
     write(tmp_path, "x", start)
     env = chat.Env(cwd=str(tmp_path))
     if judged in ("file", "wav", "mp3"):
-        part, _ = chat.attachment("x", None, env)
+        part, _ = chat.read_attachment("x", None, env)
         assert part == (pdf_part("x", start) if judged == "file" else audio_part(start, judged))
         return
     with pytest.raises(chat.UsageError) as refused:
-        chat.attachment("x", None, env)
+        chat.read_attachment("x", None, env)
     if judged == "image":  # Pillow's refusal: the header alone is no image it can open or decode
         assert str(refused.value).startswith(
             ("cannot decode image x: ", "x is not an image chat.py can send (")

@@ -2,7 +2,7 @@
 bytes go, broken files, and images on the wire.
 
 Every image is generated with Pillow at test time; small ones where the size does not matter.
-chat.image_url() is called directly, with an Env whose folder holds the image.
+chat.read_image_url() is called directly, with an Env whose folder holds the image.
 """
 
 import base64
@@ -26,7 +26,7 @@ import chat
 
 def prepared(path, detail=None) -> tuple[str, bytes, str]:
     """(MIME type, bytes, -v note) of what chat.py sends for a local image."""
-    url, note = chat.image_url(path.name, detail, chat.Env(cwd=str(path.parent)))
+    url, note = chat.read_image_url(path.name, detail, chat.Env(cwd=str(path.parent)))
     header, data = url.split(",", 1)
     assert header.startswith("data:image/") and header.endswith(";base64")
     return (
@@ -161,7 +161,7 @@ class TestLocalImages:
     def test_a_relative_path_is_found_in_the_runs_folder(self, tmp_path):
         (tmp_path / "sub").mkdir()
         save(Image.new("L", (3, 2), 9), tmp_path / "sub" / "dot.png")
-        url, note = chat.image_url("dot.png", None, chat.Env(cwd=str(tmp_path / "sub")))
+        url, note = chat.read_image_url("dot.png", None, chat.Env(cwd=str(tmp_path / "sub")))
         assert url.startswith("data:image/png;base64,") and note.startswith(
             "image dot.png: 3x2 PNG L, "
         )
@@ -251,7 +251,7 @@ class TestLocalImages:
         ],
     )
     def test_urls_pass_through_unchanged(self, tmp_path, url, note):
-        assert chat.image_url(url, "high", chat.Env(cwd=str(tmp_path))) == (url, note)
+        assert chat.read_image_url(url, "high", chat.Env(cwd=str(tmp_path))) == (url, note)
 
 
 class TestOriginalBytes:
