@@ -711,7 +711,10 @@ class TestImagesAreRasterImages:
         (tmp_path / "bad-exif.jpg").write_bytes(photo.getvalue())
         done = cli.process("--base-url", server.url, "--image", "bad-exif.jpg", "q")
         assert (done.code, done.out) == (0, "Hello!\n")
-        assert re.fullmatch(r"warning: image bad-exif\.jpg: [^\n]*tag 270[^\n]*\n", done.err)
+        # Pillow's own words differ by version ("... tag 270 ...", older: "Truncated File Read")
+        assert re.fullmatch(
+            r"warning: image bad-exif\.jpg: [^\n]*(tag 270|Truncated File Read)[^\n]*\n", done.err
+        )
         assert "UserWarning" not in done.err and "PIL" not in done.err
         [part] = server.bodies[0]["messages"][0]["content"][1:]
         assert part["image_url"]["url"].startswith("data:image/jpeg;base64,")
