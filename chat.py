@@ -1744,6 +1744,16 @@ class SSEDecoder:
             chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
         if not chunk:
             return []
+        if (  # most reads of a stream: one whole event of one data line, LF-ended; its shortcut
+            chunk.startswith(b"data:")
+            and chunk.endswith(b"\n\n")
+            and chunk.count(b"\n") == 2
+            and b"\r" not in chunk
+            and self.started
+            and not (self.pending or self.data or self.on_line)
+        ):
+            event, self.event, self.after_cr = self.event, "", False
+            return [(event, chunk[5:-2].removeprefix(b" ").decode("utf-8", "replace"))]
         self.after_cr = chunk.endswith(b"\r")
         if b"\n" not in chunk and b"\r" not in chunk:
             self.pending.append(chunk)
@@ -1916,10 +1926,11 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
             # One flush per network read, not per delta: the text that has arrived is
             # on screen before the next wait, with a fraction of the write calls.
             output.flush()
-            for field, value in decoder.unknown:
-                if field == "error":  # llama-box, GPUStack: `error: {...}` outside SSE's fields
-                    read_stream_event(field, value, reply)
-            decoder.unknown.clear()
+            if decoder.unknown:
+                for field, value in decoder.unknown:
+                    if field == "error":  # llama-box, GPUStack: `error: {...}` outside SSE's
+                        read_stream_event(field, value, reply)
+                decoder.unknown.clear()
             if reply.done:
                 break
             if reply.size > MAX_REPLY:
