@@ -108,3 +108,20 @@ def test_garbage_lines_between_events_change_nothing(garbage, end, cuts):
     raw = b"".join(line + end for line in garbage) + good + b"".join(line + end for line in garbage)
     events = decode_all(split_at(raw, cuts))
     assert read_all(events) == ("ok", "")
+
+
+def test_the_one_event_per_read_shortcut_keeps_what_earlier_reads_set():
+    """A whole `data:` event in one read takes a shortcut; an `event:` line, a BOM or a data
+    line from an earlier read must count as they do on the long way."""
+    decoder = chat.SSEDecoder()
+    assert decoder.feed(b"\xef\xbb\xbfdata: a\n\n") == [("", "a")]  # the first read: no shortcut
+    assert decoder.feed(b"event: error\n") == []
+    assert decoder.feed(b"data: b\n\n") == [("error", "b")]
+    assert decoder.feed(b"data: c\n\n") == [("", "c")]  # the event name went with b
+    assert decoder.feed(b"data: d\n") == []
+    assert decoder.feed(b"data: e\n\n") == [("", "d\ne")]
+    assert decoder.feed(b"data:f\n\n") == [("", "f")]  # no space after the colon
+    traced = []
+    decoder = chat.SSEDecoder(traced.append)
+    decoder.started = True
+    assert decoder.feed(b"data: g\n\n") == [("", "g")] and traced == ["data: g", ""]
