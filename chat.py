@@ -1559,8 +1559,6 @@ def split_message(message: dict) -> tuple[str | None, str]:
     """The text (None when there is no content nor refusal) and the reasoning of a message or a
     stream delta, in every shape (REASONING_FIELDS, REPLY_PARTS)."""
     content = message.get("content")
-    if content and len(message) == 1 and type(content) is str:
-        return content, ""  # most deltas of a stream: its hot path
     text, thinking = split_parts(content) if isinstance(content, list) else (content, "")
     text = text if isinstance(text, str) else None
     if not text and isinstance(message.get("refusal"), str):
@@ -1744,16 +1742,16 @@ class SSEDecoder:
             chunk = chunk[1:]  # the LF of a CRLF that was split across two reads
         if not chunk:
             return []
-        if (  # most reads of a stream: one whole event of one data line, LF-ended; its shortcut
-            chunk.startswith(b"data:")
-            and chunk.endswith(b"\n\n")
-            and chunk.count(b"\n") == 2
-            and b"\r" not in chunk
-            and self.started
+        if (  # most reads of a stream: one whole event, one "data: " line, LF-ended: a shortcut
+            self.started
             and not (self.pending or self.data or self.on_line)
+            and chunk.startswith(b"data: ")
+            and chunk.endswith(b"\n\n")
         ):
-            event, self.event, self.after_cr = self.event, "", False
-            return [(event, chunk[5:-2].removeprefix(b" ").decode("utf-8", "replace"))]
+            data = chunk[6:-2].decode("utf-8", "replace")
+            if "\n" not in data and "\r" not in data:
+                event, self.event, self.after_cr = self.event, "", False
+                return [(event, data)]
         self.after_cr = chunk.endswith(b"\r")
         if b"\n" not in chunk and b"\r" not in chunk:
             self.pending.append(chunk)
@@ -1797,19 +1795,26 @@ class SSEDecoder:
         return events
 
 
+def stream_error(event: str, data: str, chunk) -> ApiError:
+    """The error an event reports, or says it is malformed."""
+    if event == "error" or isinstance(chunk, dict):
+        return ApiError(
+            f"the server reported an error mid-stream: {error_message(chunk) or data}",
+            overflow=bool(CONTEXT_OVERFLOW.search(data)),
+        )
+    return ApiError(f"malformed event in the stream: {data!r}")
+
+
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     """The text and reasoning an event adds to choice 0; the rest is recorded on reply."""
     try:
         chunk = json.loads(data)
     except (ValueError, RecursionError):
+        if not data.strip():
+            return "", ""  # empty or blank data: a keep-alive some servers send
         chunk = None
-    if event == "error" or isinstance(chunk, dict) and "error" in chunk:
-        raise ApiError(
-            f"the server reported an error mid-stream: {error_message(chunk) or data}",
-            overflow=bool(CONTEXT_OVERFLOW.search(data)),
-        )
-    if not isinstance(chunk, dict):
-        raise ApiError(f"malformed event in the stream: {data!r}")
+    if not isinstance(chunk, dict) or event == "error" or "error" in chunk:
+        raise stream_error(event, data, chunk)
     if chunk.get("usage"):
         reply.usage = chunk["usage"]
     if not reply.model and isinstance(chunk.get("model"), str):
@@ -1828,12 +1833,14 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
-        text, reasoning = split_message(delta)
-        text = text or ""
-        added = (
-            add_tool_calls(reply.tool_calls, delta["tool_calls"]) if "tool_calls" in delta else 0
-        )
-        reply.size += len(text) + len(reasoning) + added
+        if len(delta) == 1 and type(delta.get("content")) is str:  # most deltas: text alone
+            text = delta["content"]
+        else:
+            text, reasoning = split_message(delta)
+            text = text or ""
+            if "tool_calls" in delta:
+                reply.size += add_tool_calls(reply.tool_calls, delta["tool_calls"])
+        reply.size += len(text) + len(reasoning)
     return text, reasoning
 
 
@@ -1911,8 +1918,6 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
                 if data == "[DONE]":
                     reply.done = True
                     break
-                if not data or data.isspace():
-                    continue  # empty or blank data: a keep-alive some servers send
                 text, reasoning = read_stream_event(event, data, reply)
                 if text and think.state != "text":
                     text, thought = think.split(text)

@@ -121,7 +121,12 @@ def test_the_one_event_per_read_shortcut_keeps_what_earlier_reads_set():
     assert decoder.feed(b"data: d\n") == []
     assert decoder.feed(b"data: e\n\n") == [("", "d\ne")]
     assert decoder.feed(b"data:f\n\n") == [("", "f")]  # no space after the colon
+    assert decoder.feed(b"data:  f\n\n") == [("", " f")]  # one space goes, not two
+    # A CR or an LF inside is a line break, so these reads are more than one data line.
+    assert decoder.feed(b"data: g\r\rdata: h\n\n") == [("", "g"), ("", "h")]
+    assert decoder.feed(b"data: i\ndata: j\n\n") == [("", "i\nj")]
+    assert decoder.feed(b"data: k\r\n\n") == [("", "k")]
     traced = []
     decoder = chat.SSEDecoder(traced.append)
     decoder.started = True
-    assert decoder.feed(b"data: g\n\n") == [("", "g")] and traced == ["data: g", ""]
+    assert decoder.feed(b"data: l\n\n") == [("", "l")] and traced == ["data: l", ""]
