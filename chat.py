@@ -477,7 +477,8 @@ class Env:
             self.say(line)
 
     def say(self, line: str) -> None:
-        """One line on stderr, secrets redacted, control characters visible; a spinner goes on below."""
+        """One line on stderr, secrets redacted, control characters visible; a spinner goes on
+        below."""
         if self.mid_line and self.stderr_tty:
             self.held.append(line)
             return
@@ -730,7 +731,8 @@ def schema_format(schema: dict) -> dict:
 
 
 def json_object_fallback(body: dict, schema: dict | None) -> dict | None:
-    """The request in the form llama-cpp-python takes --schema in; None without --schema or after -o."""
+    """The request in the form llama-cpp-python takes --schema in; None without --schema or
+    after -o."""
     if not schema or body.get("response_format") != schema_format(schema):
         return None
     return {**body, "response_format": {"type": "json_object", "schema": schema}}
@@ -2190,7 +2192,8 @@ def not_a_file(path: str) -> str | None:
 
 
 def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
-    """(modification time, name) of each conversation, newest first; links are skipped, with a warning."""
+    """(modification time, name) of each conversation, newest first; links are skipped, with a
+    warning."""
     check_folder(folder)
     try:
         entries = [entry for entry in os.scandir(folder) if entry.name.endswith(".jsonl")]
@@ -2210,7 +2213,8 @@ def saved_conversations(folder: str, env: Env) -> list[tuple[int, str]]:
 
 
 def conversation_path(folder: str, name: str) -> str:
-    """The file of an existing conversation; an unknown name, a link or a device is a usage error."""
+    """The file of an existing conversation; an unknown name, a link or a device is a usage
+    error."""
     check_folder(folder)
     path = os.path.join(folder, f"{check_name(name)}.jsonl")
     try:
@@ -2232,7 +2236,8 @@ def newest_conversation(folder: str, env: Env) -> str:
 
 
 def load_turns(path: str, env: Env) -> list[dict]:
-    """A conversation's turns; a line that is not one is skipped with a warning, a retry replaces one."""
+    """A conversation's turns; a line that is not one is skipped with a warning, a retry
+    replaces one."""
     turns = []
     for number, line in enumerate(read_private(path).split(b"\n"), 1):  # U+2028 is no line break
         if not line.strip():
@@ -2276,7 +2281,8 @@ def open_conversation(args: argparse.Namespace, folder: str, save: bool, env: En
 
 
 def append_line(conversation: Conversation, turn: dict, secrets: tuple[str, ...]) -> None:
-    """Append a turn as one line with one write, then fsync, to a 0600 file; no secret is written."""
+    """Append a turn as one line with one write, then fsync, to a 0600 file; no secret is
+    written."""
     check_folder(conversation.folder)
     make_folder(conversation.folder)
     # A lone surrogate (a reply's "\ud800", a byte of argv that is not UTF-8) is written as its
@@ -2401,9 +2407,8 @@ def show_conversation(path: str, env: Env) -> None:
     from datetime import datetime
 
     turns, system = load_turns(path, env), None
-    env.write(
-        f"conversation {os.path.basename(path).removesuffix('.jsonl')}: {plural(len(turns), 'turn')}\n"
-    )
+    conversation_name = os.path.basename(path).removesuffix(".jsonl")
+    env.write(f"conversation {conversation_name}: {plural(len(turns), 'turn')}\n")
     for turn in turns:
         if turn.get("system") != system:
             system = turn.get("system")
@@ -2450,13 +2455,13 @@ def build_parser(settings: str = "~/.config/chat-py/env") -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog="chat.py",
         add_help=False,
-        description="Ask an OpenAI-compatible chat-completions API. "
-        "With no question on a terminal, start a conversation. Answered questions are saved: -c goes on.",
-        epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, 4 timeout, "
-        "70 a bug in chat.py, 130 interrupted. OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL, "
-        f"CHAT_PY_HOME and CHAT_PY_NO_SAVE come from the environment, else from {settings} "
-        "(./.env may set only the key and model); "
-        "conversations are saved in $CHAT_PY_HOME, else ~/.local/state/chat-py.",
+        description="Ask an OpenAI-compatible chat-completions API. With no question on a "
+        "terminal, start a conversation. Answered questions are saved: -c goes on.",
+        epilog="Exit codes: 0 ok, 1 API error, 2 usage or input error, 3 network failure, "
+        "4 timeout, 70 a bug in chat.py, 130 interrupted. OPENAI_API_KEY, OPENAI_BASE_URL, "
+        "OPENAI_MODEL, CHAT_PY_HOME and CHAT_PY_NO_SAVE come from the environment, else from "
+        f"{settings} (./.env may set only the key and model); conversations are saved in "
+        "$CHAT_PY_HOME, else ~/.local/state/chat-py.",
     )
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")

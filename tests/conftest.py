@@ -183,7 +183,9 @@ def http_response(
 
 
 def json_response(body, status: int = 200, headers: str = "", reason: str | None = None) -> bytes:
-    """A whole HTTP response with a JSON body (or the bytes given). headers: "Name: value\\r\\n"..."""
+    """A whole HTTP response with a JSON body (or the bytes given).
+
+    headers: "Name: value\\r\\n" lines."""
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     return http_response(status, payload, "application/json", headers, reason)
 

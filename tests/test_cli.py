@@ -262,8 +262,9 @@ class TestApiErrors:
         assert (done.code, done.err) == (
             1,
             (
-                f"error: HTTP 404 Not Found: model 'gpt-5.4-mini' not found (POST {server.url}/chat/"
-                "completions: check --base-url, and --model against what python chat.py --models lists)\n"
+                "error: HTTP 404 Not Found: model 'gpt-5.4-mini' not found "
+                f"(POST {server.url}/chat/completions: check --base-url, and --model against "
+                "what python chat.py --models lists)\n"
             ),
         )
 

@@ -504,7 +504,8 @@ class TestNothingLost:
 
     @pytest.mark.parametrize("limit, reason", [(0, "File too large"), (100, "File too large")])
     def test_a_full_disk_costs_only_a_warning(self, cli, server, limit, reason):
-        """A file size limit stands in for a full disk: 0 bytes fails the write, 100 cuts it short."""
+        """A file size limit stands in for a full disk: 0 bytes fails the write, 100 cuts it
+        short."""
         server.reply(*answers("answer"))
         done = subprocess.run(
             [
@@ -669,7 +670,7 @@ class TestManaging:
         assert sorted(saved()) == ["alpha", "beta", "gamma"]
 
 
-# ------------------------------------------------------------------ the state folder is the user's alone
+# ------------------------------------------------------ the state folder is the user's alone
 
 
 def refused(folder: Path) -> str:
@@ -890,9 +891,10 @@ def test_commands_that_need_no_network_never_import_requests(cli):
         sys.path.insert(0, {str(ROOT)!r})
         import chat
         for argv in json.loads(sys.argv[1]):
-            env = chat.Env(io.BytesIO(b""), io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd())
-            code = chat.main(argv, env)
-            print(json.dumps([argv, code, [name for name in ("requests", "urllib3") if name in sys.modules]]))
+            streams = io.BytesIO(b""), io.StringIO(), io.StringIO()
+            code = chat.main(argv, chat.Env(*streams, dict(os.environ), os.getcwd()))
+            loaded = [name for name in ("requests", "urllib3") if name in sys.modules]
+            print(json.dumps([argv, code, loaded]))
     """
     done = subprocess.run(
         [sys.executable, "-c", script, json.dumps([argv for argv, _ in commands])],

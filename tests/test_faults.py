@@ -335,7 +335,8 @@ class TestTimeouts:
                 "no answer",
                 ["--reasoning-effort", "high"],
                 "",
-                "did not answer within 0.3 s (--timeout) (a long think may need --stream or a larger --timeout)",
+                "did not answer within 0.3 s (--timeout) (a long think may need --stream or a "
+                "larger --timeout)",
             ),
         ],
         ids=[
@@ -483,8 +484,8 @@ class TestContextOverflow:
             "code": "context_length_exceeded",
         },
         "OpenAI, the code alone": {
-            "message": "Input tokens exceed the configured limit of 272000 tokens. Your messages resulted "
-            "in 280000 tokens. Please reduce the length of the messages.",
+            "message": "Input tokens exceed the configured limit of 272000 tokens. "
+            "Your messages resulted in 280000 tokens. Please reduce the length of the messages.",
             "type": "invalid_request_error",
             "param": "messages",
             "code": "context_length_exceeded",
@@ -497,9 +498,9 @@ class TestContextOverflow:
             "n_ctx": 4096,
         },
         "llama-cpp-python": {
-            "message": "This model's maximum context length is 2048 tokens. However, you requested 2100 "
-            "tokens (2000 in the messages, 100 in the completion). Please reduce the length of "
-            "the messages or completion.",
+            "message": "This model's maximum context length is 2048 tokens. However, you "
+            "requested 2100 tokens (2000 in the messages, 100 in the completion). Please reduce "
+            "the length of the messages or completion.",
             "type": "invalid_request_error",
             "param": "messages",
             "code": "context_length_exceeded",

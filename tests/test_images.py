@@ -382,7 +382,8 @@ class TestImagesOnTheWire:
             (
                 "cut.jpg",
                 "truncated",
-                r"cannot decode image cut\.jpg: image file is truncated \(\d+ bytes not processed\)",
+                r"cannot decode image cut\.jpg: image file is truncated \(\d+ bytes not "
+                r"processed\)",
             ),
             (
                 "bomb.png",

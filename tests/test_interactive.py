@@ -287,7 +287,8 @@ class TestCommands:
         )
         assert max(map(len, help_lines)) <= 80
         assert unknown == (
-            "error: unknown command /frobnicate (/help lists them; //frobnicate sends it as a message)"
+            "error: unknown command /frobnicate (/help lists them; //frobnicate sends it as a "
+            "message)"
         )
         assert (eof, end) == ("", "") and contents(server.bodies[0]) == [
             ("user", "a real question")
@@ -633,7 +634,8 @@ class TestAttachCommands:
             "; it goes with the next message)"
         )
         assert notes[3] == (
-            f"(file paper.pdf: {len(PDF)} bytes; sent as it is (file part); it goes with the next message)"
+            f"(file paper.pdf: {len(PDF)} bytes; sent as it is (file part); it goes with the "
+            "next message)"
         )
         assert notes[4:] == [
             "(with the next message: notes.txt, pic.png, paper.pdf)",

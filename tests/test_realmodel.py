@@ -358,8 +358,9 @@ def test_a_document_or_a_recording_for_a_text_only_model(
     [
         ("name, age int", {"name": str, "age": int}),
         (
-            '{"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "green", "blue"]}},'
-            ' "required": ["colour"], "additionalProperties": false}',
+            '{"type": "object", "properties": {"colour": '
+            '{"type": "string", "enum": ["red", "green", "blue"]}}, '
+            '"required": ["colour"], "additionalProperties": false}',
             {"colour": str},
         ),
     ],
@@ -404,8 +405,9 @@ def test_a_real_tool_call(cli, function_calling_server, stream):
 
 
 def test_tools_with_the_chat_formats_of_these_tests(ask_model, server):
-    """Neither server of these tests makes tool calls: llama-server runs with --no-jinja, which takes
-    no tools (a 500, in one line); llama-cpp-python's gemma format ignores them and answers in text."""
+    """Neither server of these tests makes tool calls: llama-server runs with --no-jinja, which
+    takes no tools (a 500, in one line); llama-cpp-python's gemma format ignores them and answers
+    in text."""
     done = ask_model(
         "-o", "tools", WEATHER_TOOL, "--retries", "0", "--max-tokens", "20", "Weather in Paris?"
     )

@@ -369,8 +369,8 @@ class TestModels:
             2,
             "",
             (
-                "error: OPENAI_API_KEY is not set: export it, or put it in a .env file (see .env.example); "
-                "a local server needs no key: pass its --base-url\n"
+                "error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
+                "(see .env.example); a local server needs no key: pass its --base-url\n"
             ),
         )
 
@@ -452,8 +452,8 @@ class TestFiles:
             0,
             "Hello!\n",
             (
-                "warning: latin.txt is not UTF-8 (byte 0xe9 at offset 3); undecodable bytes were replaced "
-                "with U+FFFD\n"
+                "warning: latin.txt is not UTF-8 (byte 0xe9 at offset 3); "
+                "undecodable bytes were replaced with U+FFFD\n"
             ),
         )
         assert server.bodies[0]["messages"][0]["content"] == "q\n\nlatin.txt\n```\ncaf\ufffd\n```"
@@ -608,8 +608,8 @@ class TestWire:
             2,
             "",
             (
-                "error: a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), but PySocks is "
-                "not installed (pip install 'requests[socks]')\n"
+                "error: a socks5:// proxy is set in the environment (ALL_PROXY, HTTPS_PROXY), "
+                "but PySocks is not installed (pip install 'requests[socks]')\n"
             ),
         )
         assert server.requests == []

@@ -168,7 +168,8 @@ class TestStreamingCli:
         assert (first, rest, err, process.returncode) == (b"first ", b"second\n", b"", 0)
 
     def test_a_body_without_chunked_encoding_is_shown_as_it_arrives(self, cli, server):
-        # Delimited by closing the connection, as HTTP/1.0 servers do: read as it comes, not at the end.
+        # Delimited by closing the connection, as HTTP/1.0 servers do: read as it comes, not at
+        # the end.
         stdout, shown_early = WatchedStdout("early "), []
 
         def early_then_late(conn, request):
@@ -191,12 +192,15 @@ class TestStreamingCli:
     @pytest.mark.parametrize(
         "raw",
         [
-            # CR and CRLF line ends, no space after the colon, comments, other fields, data over two lines
+            # CR and CRLF line ends, no space after the colon, comments, other fields, data over
+            # two lines
             b': ping\r\rid: 1\r\nretry: 10\r\nevent: message\r\ndata:{"choices":[{"delta":\r\n'
-            b'data: {"content":"o"}}]}\r\n\r\ndata:{"choices":[{"delta":{"content":"k"}}]}\r\r: bye\n\n',
+            b'data: {"content":"o"}}]}\r\n\r\n'
+            b'data:{"choices":[{"delta":{"content":"k"}}]}\r\r: bye\n\n',
             # chunks without choices, null content, a role only, usage only
             b'data: {"choices":[]}\n\ndata: {"choices":[{"delta":{"content":null}}]}\n\n'
-            b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\ndata: {"choices":[{"delta":{}}]}\n\n'
+            b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+            b'data: {"choices":[{"delta":{}}]}\n\n'
             b'data: {"choices":[{"delta":{"content":"ok"}}]}\n\n'
             b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
         ],
@@ -236,7 +240,8 @@ class TestStreamingCli:
                 (
                     chunk("partial "),
                     chunk("text"),
-                    b'data: {"error": {"message": "upstream overloaded", "type": "server_error"}}\n\n',
+                    b'data: {"error": {"message": "upstream overloaded", '
+                    b'"type": "server_error"}}\n\n',
                 ),
                 1,
                 "partial text\n",
@@ -389,7 +394,8 @@ TOOLS = json.dumps(
     ]
 )
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-TIME = '{"name": "get_time", "arguments": "Europe/Paris"}\n'  # arguments that are not JSON stay a string
+# arguments that are not JSON stay a string
+TIME = '{"name": "get_time", "arguments": "Europe/Paris"}\n'
 
 
 def call_piece(index: int, arguments: str, name: str | None = None) -> dict:
@@ -405,7 +411,8 @@ def call_piece(index: int, arguments: str, name: str | None = None) -> dict:
 
 
 def whole_call(number: int, name: str, arguments) -> dict:
-    """A whole tool call without an index, as a whole reply carries it (and some servers stream it)."""
+    """A whole tool call without an index, as a whole reply carries it (and some servers stream
+    it)."""
     return {
         "id": f"call_{number}",
         "type": "function",
@@ -605,7 +612,8 @@ EXACT = "".join(CONTROL_DELTAS)
         # "\r" at the end of one delta and "\n" at the start of the next make a newline, not \x0d.
         (
             True,
-            "bell\\x07 esc\\x1b[31mred crlf\r\ncr at the end\r\nnext line\ttab lone\\x0dcr del\\x7f c1\\x9b"
+            "bell\\x07 esc\\x1b[31mred crlf\r\ncr at the end\r\nnext line\ttab lone\\x0dcr "
+            "del\\x7f c1\\x9b"
             " nul\\x00 end\\x0d\n",
         ),
     ],

@@ -609,8 +609,8 @@ class TestBoundedWork:
         assert done.stderr.decode() == (
             "error: an event in the stream is larger than 64 MiB\n"
             if stream
-            else f"error: the reply from 127.0.0.1:{server.port} is larger than 64 MiB; chat.py reads no "
-            "further\n"
+            else f"error: the reply from 127.0.0.1:{server.port} is larger than 64 MiB; "
+            "chat.py reads no further\n"
         )
         assert done.seconds < 10
 
