@@ -2701,8 +2701,8 @@ def check_key(server: Server, env: Env) -> None:
     where = urlsplit(server.base_url)  # as requests reads it: check_base_url saw to that
     if not server.key and is_openai_host(server.base_url):
         raise UsageError(
-            "OPENAI_API_KEY is not set: export it, or put it in a .env file "
-            "(see .env.example); a local server needs no key: pass its --base-url"
+            "OPENAI_API_KEY is not set: export it, or put it in ./.env (see .env.example) or "
+            f"{settings_path(env)}; a local server needs no key: pass its --base-url"
         )
     if not server.key:
         return
@@ -2946,6 +2946,8 @@ def run(args: argparse.Namespace, env: Env) -> int:
             conversation.turns, build_user_message(question, parts), settings.system
         )
         env.write(curl_command(server, build_body(settings, messages, server.base_url)) + "\n")
+        if server.key and not env.environ.get("OPENAI_API_KEY", "").strip():
+            env.warn("the key came from a file: export OPENAI_API_KEY for the command to send it")
         return ExitStatus.OK
 
     import requests

@@ -383,9 +383,22 @@ def saved(folder: Path | None = None) -> dict:
     }
 
 
+def settings_file() -> Path:
+    """Where this test's settings file is looked for: ~/.config/chat-py/env, HOME being its own."""
+    return Path(os.environ["HOME"], ".config", "chat-py", "env")
+
+
+def missing_key_error() -> str:
+    """What chat.py says when OpenAI is asked without a key."""
+    return (
+        "error: OPENAI_API_KEY is not set: export it, or put it in ./.env (see .env.example) or "
+        f"{settings_file()}; a local server needs no key: pass its --base-url\n"
+    )
+
+
 def write_settings(text: str, path: Path | None = None) -> Path:
-    """The user's own settings file (~/.config/chat-py/env unless path): text, 0600."""
-    path = path or Path(os.environ["HOME"], ".config", "chat-py", "env")
+    """The user's own settings file (settings_file() unless path): text, 0600."""
+    path = path or settings_file()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(0o600)

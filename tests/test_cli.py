@@ -2,7 +2,7 @@
 errors and option errors. chat.main() runs in this process with its own surroundings."""
 
 import pytest
-from conftest import FAKE_KEY, completion, http_response, json_response
+from conftest import FAKE_KEY, completion, http_response, json_response, missing_key_error
 
 import chat
 
@@ -102,10 +102,7 @@ class TestKey:
         monkeypatch.setenv("HTTPS_PROXY", proxy.url.removesuffix("/v1"))
         done = cli("hi", key=None)
         assert (done.code, done.out) == (2, "")
-        assert done.err == (
-            "error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
-            "(see .env.example); a local server needs no key: pass its --base-url\n"
-        )
+        assert done.err == missing_key_error()
         assert proxy.requests == []
 
     def test_missing_key_for_a_local_server_sends_no_authorization(self, cli, server):

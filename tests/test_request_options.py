@@ -21,6 +21,7 @@ from conftest import (
     chunk_of,
     completion,
     json_response,
+    missing_key_error,
     saved,
     sse_response,
 )
@@ -368,10 +369,7 @@ class TestModels:
         assert (done.code, done.out, done.err) == (
             2,
             "",
-            (
-                "error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                "(see .env.example); a local server needs no key: pass its --base-url\n"
-            ),
+            missing_key_error(),
         )
 
     @pytest.mark.parametrize(

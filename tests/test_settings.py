@@ -13,16 +13,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_KEY, completion, json_response, saved, write_settings
+from conftest import FAKE_KEY, completion, json_response, saved, settings_file, write_settings
 
 import chat
 
 OTHER_USER = 65534  # nobody
 SETTINGS_NAMES = "OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_MODEL, CHAT_PY_HOME, CHAT_PY_NO_SAVE"
-
-
-def settings_file() -> Path:
-    return Path(os.environ["HOME"], ".config", "chat-py", "env")
 
 
 @pytest.fixture
@@ -211,6 +207,26 @@ def test_each_setting_the_file_can_hold(cli, server, tmp_path):
     assert cli("again", key=None, env={"CHAT_PY_HOME": ""}).code == 0
     assert [len(turns) for turns in saved(folder).values()] == [1]  # nothing more saved
     assert not {"OPENAI_BASE_URL", "OPENAI_MODEL", "CHAT_PY_NO_SAVE"} & set(os.environ)
+
+
+@pytest.mark.parametrize("where", ["settings file", ".env", "environment"])
+def test_curl_reads_the_key_from_the_environment(cli, server, tmp_path, where):
+    """--curl writes $OPENAI_API_KEY, never the key: a key read from a file needs exporting
+    first, and chat.py says so."""
+    key = "sk-test-for-the-curl-command"
+    if where == "settings file":
+        write_settings(f"OPENAI_API_KEY={key}\n")
+    elif where == ".env":
+        (tmp_path / ".env").write_text(f"OPENAI_API_KEY={key}\n")
+    done = cli("--base-url", server.url, "--curl", "q", key=key if where == "environment" else None)
+    assert done.code == 0 and server.requests == []
+    assert '-H "Authorization: Bearer $OPENAI_API_KEY"' in done.out
+    assert key not in done.out + done.err
+    assert done.err == (
+        ""
+        if where == "environment"
+        else "warning: the key came from a file: export OPENAI_API_KEY for the command to send it\n"
+    )
 
 
 def test_other_names_and_broken_lines_are_warnings(cli, server, another_server):

@@ -26,6 +26,7 @@ from conftest import (
     chunk_of,
     completion,
     json_response,
+    missing_key_error,
     saved,
     sse_response,
     stream_events,
@@ -198,10 +199,7 @@ class TestDotenvBaseUrl:
         assert local.requests == []
         if key == "none":
             assert (done.code, done.out) == (2, "")
-            assert done.err == warning + (
-                "error: OPENAI_API_KEY is not set: export it, or put it in a .env file "
-                "(see .env.example); a local server needs no key: pass its --base-url\n"
-            )
+            assert done.err == warning + missing_key_error()
             assert proxy.requests == []
         else:  # the fake proxy answers a CONNECT with no tunnel: a network error, after it
             assert (done.code, done.out) == (3, "")
