@@ -1,7 +1,8 @@
 """Generated inputs through main(), against the fake server: whole replies, streams, saved
 conversation files and command lines. Whatever comes, chat.py ends with a documented exit code
 and short lines, never "a bug in chat.py": the in-process runner re-raises a bug, so any
-exception fails the test with its traceback.
+exception fails the test with its traceback. And generated base URLs: one chat.py takes is read
+by requests as chat.py reads it.
 
 A few hundred examples per surface by default; CHAT_PY_HYPOTHESIS_EXAMPLES=10000 (say) for a
 longer run."""
@@ -9,10 +10,15 @@ longer run."""
 import itertools
 import json
 import os
+from urllib.parse import urlsplit
 
+import requests
+import urllib3
 from conftest import FAKE_KEY, SSE_HEAD, chunk_of, http_response
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import chat
 
 EXAMPLES = int(os.environ.get("CHAT_PY_HYPOTHESIS_EXAMPLES") or 250)
 generated = settings(
@@ -332,3 +338,67 @@ def test_arguments(cli, server, tmp_path, options, stdin, base_url):
         args[args.index("--base-url") + 1 :] = [server.url] + args[args.index("--base-url") + 2 :]
     done, _ = run(cli, tmp_path, "--retries", "0", "--timeout", "5", *args, stdin=stdin, env=env)
     check(done)
+
+
+# Base URLs made of the pieces that URL parsers read in different ways.
+url_pieces = st.sampled_from(
+    [
+        *("@", ":", "\\", "/", "//", "?", "#", "[", "]", "%", "%5C", "%2F", "%40", ".", "..", "-"),
+        *(" ", "\t", "\n", "\x00", "é", "\uff0e", "xn--", "::1", "1:2", "25", "eth0"),
+        *("127.0.0.1", "localhost", "collector.example", "8080", "99999", "0", "v1", "user:pw"),
+    ]
+)
+odd_pieces = st.lists(url_pieces | odd_text, max_size=4).map("".join)
+
+
+def usual_or_odd(usual: list[str], odd):
+    """Mostly one of the usual values, else an odd one."""
+    return st.integers(0, 4).flatmap(lambda n: odd if n == 0 else st.sampled_from(usual))
+
+
+schemes = usual_or_odd(
+    ["http://", "https://", "HTTP://"], st.sampled_from(["http:/", "ftp://", ""])
+)
+parsed_urls = st.tuples(  # scheme, user, host, port and path; the odd ones as attacks send them
+    schemes,
+    usual_or_odd(
+        ["", "user@", "user:pw@"],
+        st.sampled_from(["evil.example\\@", "evil.example @", "a@b@", "evil.example\t@", "%5C@"])
+        | odd_pieces.map("{}@".format),
+    ),
+    usual_or_odd(
+        ["127.0.0.1", "localhost", "[::1]", "[2001:db8::1]", "a.b"],
+        st.sampled_from(["evil..example", ".example", "[127.0.0.1]", "[::1", "évil.example"])
+        | odd_pieces,
+    ),
+    usual_or_odd(
+        ["", ":8080", ":0", ":65535", ":99999", ":"],
+        st.sampled_from([":8080:80", ":abc", ":-1", ":\uff18"]) | odd_pieces.map(":{}".format),
+    ),
+    usual_or_odd(
+        ["", "/v1", "/v1/", "?api-version=1", "#x"],
+        st.sampled_from(["/v1\\..\\x", "\\@evil.example/v1", "#@evil.example/v1", "/v1 x"])
+        | odd_pieces.map("/{}".format),
+    ),
+).map("".join)
+base_urls = parsed_urls | st.tuples(schemes, st.lists(url_pieces | odd_text, max_size=10)).map(
+    lambda scheme_and_pieces: scheme_and_pieces[0] + "".join(scheme_and_pieces[1])
+)
+
+
+@generated
+@given(url=base_urls)
+def test_base_urls(url):
+    """A base URL chat.py takes goes where it says: requests' own reading of it (the request
+    prepared, then urllib3's parse of that) names the host and port that chat.py shows, checks
+    and saves (urlsplit's); any other is a usage error."""
+    try:
+        accepted = chat.check_base_url(url, "--base-url")
+    except chat.UsageError as exc:
+        assert str(exc).startswith("--base-url must be a plain http:// or https:// URL")
+        return
+    seen = urlsplit(accepted)
+    prepared = requests.Request("POST", chat.api_url(accepted, "/chat/completions")).prepare()
+    sent = urllib3.util.parse_url(prepared.url)
+    assert (sent.host.strip("[]"), sent.port) == (seen.hostname, seen.port)
+    assert chat.host_of(accepted).lower() == sent.netloc.rpartition("@")[2].lower()
