@@ -1836,7 +1836,7 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         if not isinstance(delta, dict):
             continue
         if len(delta) == 1 and type(delta.get("content")) is str:  # most deltas: text alone
-            text = delta["content"]
+            text, reasoning = delta["content"], ""
         else:
             text, reasoning = split_message(delta)
             text = text or ""
