@@ -1797,16 +1797,6 @@ class SSEDecoder:
         return events
 
 
-def stream_error(event: str, data: str, chunk) -> ApiError:
-    """The error an event reports, or says it is malformed."""
-    if event == "error" or isinstance(chunk, dict):
-        return ApiError(
-            f"the server reported an error mid-stream: {error_message(chunk) or data}",
-            overflow=bool(CONTEXT_OVERFLOW.search(data)),
-        )
-    return ApiError(f"malformed event in the stream: {data!r}")
-
-
 def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
     """The text and reasoning an event adds to choice 0; the rest is recorded on reply."""
     try:
@@ -1815,8 +1805,13 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         if not data.strip():
             return "", ""  # empty or blank data: a keep-alive some servers send
         chunk = None
-    if not isinstance(chunk, dict) or event == "error" or "error" in chunk:
-        raise stream_error(event, data, chunk)
+    if not isinstance(chunk, dict) or event == "error" or "error" in chunk:  # one test if neither
+        if event != "error" and not isinstance(chunk, dict):
+            raise ApiError(f"malformed event in the stream: {data!r}")
+        raise ApiError(
+            f"the server reported an error mid-stream: {error_message(chunk) or data}",
+            overflow=bool(CONTEXT_OVERFLOW.search(data)),
+        )
     if chunk.get("usage"):
         reply.usage = chunk["usage"]
     if not reply.model and isinstance(chunk.get("model"), str):
@@ -2407,8 +2402,10 @@ def show_conversation(path: str, env: Env) -> None:
     from datetime import datetime
 
     turns, system = load_turns(path, env), None
-    conversation_name = os.path.basename(path).removesuffix(".jsonl")
-    env.write(f"conversation {conversation_name}: {plural(len(turns), 'turn')}\n")
+    env.write(
+        f"conversation {os.path.basename(path).removesuffix('.jsonl')}: "
+        f"{plural(len(turns), 'turn')}\n"
+    )
     for turn in turns:
         if turn.get("system") != system:
             system = turn.get("system")
@@ -3025,6 +3022,7 @@ class Talk:
     def __init__(self, chat: Chat, attached: list[tuple], detail: str | None, terminal=None):
         self.chat, self.env, self.detail, self.terminal = chat, chat.env, detail, terminal
         self.startup, self.pending, self.unanswered = attached, list(attached), None
+        self.sent: dict[int, list] = {}  # turn number: what went with that turn, for /undo
 
     def send(self, user_message: dict, names: list[str], retry: bool = False) -> bool:
         """Ask, and say whether the turn was kept; a failure is told and the session goes on."""
@@ -3042,6 +3040,7 @@ class Talk:
     def ask_message(self, text: str) -> None:
         files, parts, names = split_attached(self.pending)
         if self.send(build_user_message(build_question([], text, files), parts), names):
+            self.sent[len(self.chat.conversation.turns)] = self.pending
             self.pending, self.unanswered = [], None
         else:
             self.unanswered = text
@@ -3077,15 +3076,23 @@ class Talk:
             self.env.say("(nothing to retry yet)")
 
     def undo(self, _) -> None:
-        """Drop the last turn; its file gets a marker line, since files are never rewritten."""
+        """Drop the last turn; its file gets a marker line, since files are never rewritten. What
+        was attached to it goes with the next message instead."""
         conversation = self.chat.conversation
         if not conversation.turns:
             return self.env.say("(nothing to undo)")
         save_line(conversation, json.loads(UNDO_LINE), self.env)
         question = message_text(conversation.turns.pop()["user"].get("content")) or ""
+        carried = self.sent.pop(len(conversation.turns) + 1, [])
+        self.pending = carried + self.pending
         self.env.say(
             f"(undone: {one_line(question, room=40)!r}; "
-            f"{plural(len(conversation.turns), 'turn')} left)"
+            f"{plural(len(conversation.turns), 'turn')} left"
+            + (
+                f"; again with the next message: {', '.join(s for s, *_ in carried)})"
+                if carried
+                else ")"
+            )
         )
 
     def model(self, name: str | None) -> None:

@@ -600,6 +600,33 @@ class TestUndo:
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 
 
+def test_undo_puts_back_what_went_with_the_question(cli, server, tmp_path):
+    """A question asked again in other words after /undo still has its -f and /file
+    attachments; one undone without any puts nothing back, even after a /reset when the turn of
+    that number in the conversation before had some."""
+    (tmp_path / "notes.txt").write_text("some notes\n")
+    (tmp_path / "paper.pdf").write_bytes(PDF)
+    server.reply(*[streamed("ok")] * 5)
+    typed = ["/file paper.pdf", "Summarize", "/undo", "In one line", "/file paper.pdf", "And?"]
+    typed += ["/reset", "fresh", "next", "/undo"]
+    done = cli("--base-url", server.url, "-f", "notes.txt", ttys=TERMINAL, lines=typed)
+    assert done.code == 0
+    notes = after_banner(done.err).split("\n")
+    assert notes[1] == (
+        "(undone: 'Summarize notes.txt ``` some notes ```'; 0 turns left; "
+        "again with the next message: notes.txt, paper.pdf)"
+    )
+    assert notes[4] == "(undone: 'next'; 1 turn left)"
+    first, second, third, fourth, _ = server.bodies
+    pdf_part = contents(first)[-1][1][1]
+    assert contents(second)[-1] == (
+        "user",
+        [{"type": "text", "text": "In one line\n\nnotes.txt\n```\nsome notes\n```"}, pdf_part],
+    )
+    assert contents(third)[-1] == ("user", [{"type": "text", "text": "And?"}, pdf_part])
+    assert contents(fourth) == [("user", "fresh\n\nnotes.txt\n```\nsome notes\n```")]
+
+
 class TestAttachCommands:
     def test_file_and_image_send_what_f_and_image_send_with_the_next_message(
         self, cli, server, tmp_path
