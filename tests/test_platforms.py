@@ -295,11 +295,12 @@ class TestWhatWindowsCannotTell:
 
 
 class TestConversationModeWithoutReadline:
-    def test_turns_go_on_and_the_banner_says_ctrl_z_then_enter(self, windows, server):
+    def test_turns_go_on_and_banner_and_help_say_ctrl_z_then_enter(self, windows, server):
         server.reply(json_response(completion("a1")), json_response(completion("a2")))
-        done = windows.run("--base-url", server.url, ttys=TERMINAL, lines=["q1", "q2"])
+        done = windows.run("--base-url", server.url, ttys=TERMINAL, lines=["q1", "/help", "q2"])
         assert (done.code, done.out) == (0, "a1\na2\n")
         assert done.err.split("\n")[2].endswith(LEAVES) and "Ctrl-D" not in done.err
+        assert "\n/exit, /quit        leave (so do exit, quit and Ctrl-Z then Enter)\n" in done.err
         assert sent(server.bodies[1]) == [("user", "q1"), ("assistant", "a1"), ("user", "q2")]
         assert turns(windows.state) == [("q1", "a1"), ("q2", "a2")]
 
