@@ -1805,7 +1805,7 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
         if not data.strip():
             return "", ""  # empty or blank data: a keep-alive some servers send
         chunk = None
-    if not isinstance(chunk, dict) or event == "error" or "error" in chunk:  # one test if neither
+    if not isinstance(chunk, dict) or event == "error" or "error" in chunk:  # most pass at once
         if event != "error" and not isinstance(chunk, dict):
             raise ApiError(f"malformed event in the stream: {data!r}")
         raise ApiError(
