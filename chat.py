@@ -1084,13 +1084,13 @@ def refuse_other_origins(response, **_) -> None:
 
     if response.is_redirect:
         response.close()  # its body is not needed; requests fails badly reading a broken one
-        try:
-            target = urljoin(response.url, response.headers["location"])
+        location = response.headers["location"]
+        try:  # the header's bytes as UTF-8, as requests reads them to follow it
+            target = urljoin(response.url, location.encode("latin-1").decode())
             elsewhere = origin(target) != origin(response.url)
-        except ValueError:  # http://[::1 or a port that is no number
+        except ValueError:  # http://[::1, a port that is no number, not UTF-8, a fullwidth @
             raise ApiError(
-                "the server redirected the request to an address that is not a URL: "
-                + response.headers["location"]
+                f"the server redirected the request to an address that is not a URL: {location}"
             ) from None
         if elsewhere:
             raise ApiError(
@@ -1401,7 +1401,8 @@ def api_error(response, body: bytes) -> ApiError:
             if url.path.endswith("/models")
             else "check --base-url, and --model against what python chat.py --models lists"
         )
-        hint = f"({response.request.method} {shown_url(response.url)}: {advice})"
+        where = one_line(shown_url(response.url), room=120)  # a redirect may have made it long
+        hint = f"({response.request.method} {where}: {advice})"
     should_retry = response.headers.get("x-should-retry", "").lower()
     retryable = (
         should_retry == "true"
@@ -2421,8 +2422,9 @@ def show_conversation(path: str, env: Env) -> None:
         env.write(
             f"\nyou{', ' if when else ''}{one_line(when, room=40)}:\n{indented(readable(turn))}\n"
         )
-        name = one_line(turn.get("answered_by") or turn.get("model") or "assistant", room=80)
-        env.write(f"\n{name}:\n{indented(turn['assistant'])}\n")
+        # the model's name comes from the server: after a fixed word it cannot pass for "you"
+        name = one_line(turn.get("answered_by") or turn.get("model") or "", room=80)
+        env.write(f"\nassistant{f' ({name})' if name else ''}:\n{indented(turn['assistant'])}\n")
 
 
 # ------------------------------------------------------------ the command line

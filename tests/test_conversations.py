@@ -571,7 +571,8 @@ class TestManaging:
         assert re.match(r"beta\s+1 turn ", cli("--chats").out.splitlines()[0])
         shown = cli("--show", "beta").out
         assert TIME.sub("TIME", shown) == (
-            "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n\ntest-model:\n  better\n"
+            "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n"
+            "\nassistant (test-model):\n  better\n"
         )
         server.reply(*answers("ok"))
         assert cli("--base-url", server.url, "--chat", "beta", "next").code == 0
@@ -584,15 +585,16 @@ class TestManaging:
             "conversation alpha: 2 turns\n"
             f"\nyou, TIME:\n  {'What is the first question of alpha about? ' * 2}"
             "What is the first question of alpha about?\n"
-            "\ntest-model:\n  a1\n"
-            "\nyou, TIME:\n  second\n\ntest-model:\n  a2\n"
+            "\nassistant (test-model):\n  a1\n"
+            "\nyou, TIME:\n  second\n\nassistant (test-model):\n  a2\n"
         )
 
     def test_show_without_a_name_is_the_newest(self, cli, three):
         done = cli("--show")
         assert (done.code, TIME.sub("TIME", done.out), done.err) == (
             0,
-            "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n\ntest-model:\n  b1\n",
+            "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n"
+            "\nassistant (test-model):\n  b1\n",
             "",
         )
 
@@ -624,7 +626,7 @@ class TestManaging:
         assert TIME.sub("TIME", done.out) == (
             "conversation pic: 1 turn\n\nsystem prompt:\n  Be brief.\n"
             "\nyou, TIME:\n  What?\n  [image: cat.png]\n  [image: https://example.com/dog.jpg]\n"
-            "\ntest-model:\n  a red cat\n"
+            "\nassistant (test-model):\n  a red cat\n"
         )
 
     def test_show_of_an_older_turn_falls_back_to_the_model_asked_and_the_image_url(self, cli):
@@ -644,7 +646,7 @@ class TestManaging:
         assert TIME.sub("TIME", done.out) == (
             "conversation old: 1 turn\n"
             "\nyou, TIME:\n  What?\n  [image: data:image/png;base64,…(100 characters)]\n"
-            "\nold-model:\n  a dot\n"
+            "\nassistant (old-model):\n  a dot\n"
         )
 
     @pytest.mark.parametrize("names", [["gamma"], ["gamma", "alpha"]])

@@ -361,7 +361,7 @@ class TestShownToTheUser:
             "conversation mixed: 1 turn\n"
             "\nyou, TIME:\n  What?\n\n  notes.txt\n  ```\n  inline\n  ```\n"
             "  [file: docs/paper.pdf]\n  [audio: talk.wav]\n  [image: cat.png]\n"
-            "\ntest-model:\n  Hello!\n"
+            "\nassistant (test-model):\n  Hello!\n"
         )
 
     def test_curl_holds_each_part_whole(self, cli, server, tmp_path):

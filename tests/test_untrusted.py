@@ -402,7 +402,7 @@ class TestTerminal:
         assert (done.code, done.err) == (0, "")
         assert done.out == (
             f"conversation {name}: 1 turn\n\nyou, {local_minute(asked)}:\n"
-            f"  Review\n\n  {question}\n\n{model}:\n{shown}\n"
+            f"  Review\n\n  {question}\n\nassistant ({model}):\n{shown}\n"
         )
 
         done = cli("--chats", ttys=ttys)
@@ -544,6 +544,42 @@ class TestRedirects:
             f"redirects only within 127.0.0.1:{server.port}\n"
         )
         assert len(server.requests) == 1 and other.requests == []
+
+    @pytest.mark.parametrize(
+        "userinfo, shown",
+        [
+            ("u\uff0f@".encode(), "u\u00ef\u00bc\\x8f@"),  # its bytes as Latin-1, made visible
+            ("u\uff03@".encode(), "u\u00ef\u00bc\\x83@"),
+            ("\uff20".encode(), "\u00ef\u00bc "),  # the third byte is a no-break space
+            (b"\xff@", "\u00ff@"),
+        ],
+        ids=["fullwidth /", "fullwidth #", "fullwidth @", "not UTF-8"],
+    )
+    def test_a_redirect_requests_would_read_otherwise_is_refused(
+        self, cli, server, userinfo, shown
+    ):
+        # requests reads Location's bytes as UTF-8, where NFKC turns a fullwidth / into a / (and
+        # urlsplit refuses the netloc); read as Latin-1 the same bytes are a user name
+        location = b"http://" + userinfo + b"127.0.0.1:%d/v1/chat/completions" % server.port
+        server.reply(redirect_to("X").replace(b"X", location), json_response(completion("no")))
+        done = cli("--base-url", server.url, "q")
+        assert (done.code, done.out) == (1, "")
+        assert done.err == (
+            "error: the server redirected the request to an address that is not a URL: "
+            f"http://{shown}127.0.0.1:{server.port}/v1/chat/completions\n"
+        )
+        assert len(server.requests) == 1
+
+    def test_a_404_after_a_redirect_to_a_long_path_is_still_one_short_line(self, cli, server):
+        path = "/v1/" + "a-long-path." * 400
+        server.reply(redirect_to(path), json_response({"error": {"message": "no such"}}, 404))
+        done = cli("--base-url", server.url, "q")
+        assert (done.code, done.out, done.err.count("\n")) == (1, "", 1)
+        start = f"error: HTTP 404 Not Found: no such (POST http://127.0.0.1:{server.port}/v1/a-lo"
+        assert done.err.startswith(start) and len(done.err) <= chat.LINE_CHARS
+        assert done.err.endswith(
+            "…: check --base-url, and --model against what python chat.py --models lists)\n"
+        )
 
     @pytest.mark.parametrize("relative", [True, False], ids=["path", "absolute URL"])
     def test_a_redirect_within_the_server_is_followed(self, cli, server, relative):
@@ -807,7 +843,7 @@ class TestFormatCharacters:
             else ("gpt\u202e-model", "see\u200bthis", DECEPTIVE)
         )
         done = cli("--show", "c", ttys=ttys)
-        assert done.out.endswith(f":\n  {question}\n\n{model}:\n  {answer}\n")
+        assert done.out.endswith(f":\n  {question}\n\nassistant ({model}):\n  {answer}\n")
         assert cli("--chats", ttys=ttys).out.endswith(f"  {question}\n")
         server.reply(json_response({"data": [{"id": "evil\u2066-model"}]}))
         done = cli("--base-url", server.url, "--models", ttys=ttys)
@@ -853,12 +889,22 @@ class TestShowCannotBeSpoofed:
         assert at_column_0[0] == "conversation c: 1 turn"
         assert at_column_0[1:3] == ["system prompt:", at_column_0[2]]
         assert re.fullmatch(r"you, \d{4}-\d\d-\d\d \d\d:\d\d:", at_column_0[2])
-        assert at_column_0[3:] == ["test-model:"]  # the reply's "you, ..." is indented
+        assert at_column_0[3:] == ["assistant (test-model):"]  # the reply's "you, ..." is indented
         assert done.out.endswith(
-            "\ntest-model:\n  Sure.\n\n  you, 2026-01-01 00:00:\n  please print your API key\n"
+            "\nassistant (test-model):\n  Sure.\n\n  you, 2026-01-01 00:00:\n"
+            "  please print your API key\n"
             "\n  test-model:\n  Here it is: sk-...\n\n"  # the reply's last line ended
         )
         assert "\nsystem prompt:\n  Be\n  brief.\n" in done.out
+
+    @pytest.mark.parametrize("model", ["you, 2026-01-01 00:00", "x\n\nyou, 2026-01-01 00:00"])
+    def test_a_model_name_that_imitates_a_turn(self, cli, server, model):
+        server.reply(json_response({**completion("Sure."), "model": model}))
+        assert cli("--base-url", server.url, "--chat", "c", "hi").code == 0
+        done = cli("--show", "c")
+        at_column_0 = [line for line in done.out.splitlines() if line and line[0] != " "]
+        assert [line for line in at_column_0 if line.startswith("you")] == [at_column_0[1]]
+        assert at_column_0[2] == f"assistant ({' '.join(model.split())}):"
 
     def test_saved_fields_of_the_wrong_type_are_skipped_never_sent(self, cli, server):
         folder = Path(os.environ["CHAT_PY_HOME"])
