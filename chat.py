@@ -924,8 +924,9 @@ def shrink_image(image, detail: str | None):
     target = fit_size(image.size, detail)
     if target != image.size:
         image.draft(None, target)  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
-    # Pillow holds a pixel in 1 byte, or in 4 for every mode of more bands or bits (I;16: 2).
-    if image.width * image.height * (1 if image.mode in ("1", "L", "P") else 4) > MAX_DECODED:
+    # Pillow holds a pixel in 1 byte, or in 4 for every mode of more bands or bits (I;16: 2);
+    # a palette image is sent as RGB or RGBA, 4 bytes a pixel.
+    if image.width * image.height * (1 if image.mode in ("1", "L") else 4) > MAX_DECODED:
         raise Image.DecompressionBombError(f"{image.width}x{image.height} {image.mode}")
     return image.resize(target, Image.Resampling.BICUBIC) if target != image.size else image
 
@@ -1859,6 +1860,7 @@ class Output:
             return
         if self.reasoning_end is None:
             self.env.stop_spinner()
+            self.env.stdout.flush()  # text before it, still buffered, is drawn before it
             self.env.stderr.write(DIM if self.env.color else "reasoning:\n")
         self.env.stderr.write(visible(text))
         self.reasoning_end = text[-1]
@@ -2460,7 +2462,7 @@ def build_parser(settings: str = "~/.config/chat-py/env") -> argparse.ArgumentPa
         "4 timeout, 70 a bug in chat.py, 130 interrupted. OPENAI_API_KEY, OPENAI_BASE_URL, "
         "OPENAI_MODEL, CHAT_PY_HOME and CHAT_PY_NO_SAVE come from the environment, else from "
         f"{settings} (./.env may set only the key and model); conversations are saved in "
-        "$CHAT_PY_HOME, else ~/.local/state/chat-py.",
+        "$CHAT_PY_HOME, else $XDG_STATE_HOME/chat-py, else ~/.local/state/chat-py.",
     )
     add = parser.add_argument
     add("question", nargs="*", help="the question; piped stdin is appended")
@@ -2705,10 +2707,12 @@ def check_key(server: Server, env: Env) -> None:
         )
     if not server.key:
         return
-    # requests would refuse such a header, quoting it (and so the key) in its error.
-    if not server.key.isascii() or not server.key.isprintable() or " " in server.key:
+    # requests would refuse such a header, quoting it (and so the key) in its error; JSON escapes
+    # a quote or a backslash, so a key holding one would escape redaction in the -v trace.
+    if not server.key.isascii() or not server.key.isprintable() or set(' "\\') & set(server.key):
         raise UsageError(
-            "OPENAI_API_KEY holds spaces, control or non-ASCII characters; check its value"
+            "OPENAI_API_KEY holds spaces, quotes, backslashes, control or non-ASCII characters; "
+            "check its value"
         )
     if where.scheme == "http" and not is_loopback(where.hostname):
         env.warn(f"sending the API key unencrypted to {server.host} over http://")
@@ -3060,7 +3064,7 @@ class Talk:
     def reset(self, _) -> None:
         old = self.chat.conversation
         self.chat.conversation = Conversation(old.folder, new_name(old.folder), save=old.save)
-        self.pending = self.startup + [item for item in self.pending if item not in self.startup]
+        self.pending = list(self.startup)  # as at the start: a /file not yet sent is dropped
         self.unanswered = None
         self.env.say(
             f"(new conversation {self.chat.conversation.name}; "

@@ -115,12 +115,21 @@ class TestKey:
         done = cli("hi", key=None, env={"OPENAI_BASE_URL": server.url + "/"})
         assert (done.code, done.out) == (0, "Hello!\n")
 
-    @pytest.mark.parametrize("key", ["sk-test with space", "sk-test-\x01-control", "sk-test-ключ"])
+    @pytest.mark.parametrize(
+        "key",
+        [
+            "sk-test with space",
+            "sk-test-\x01-control",
+            "sk-test-ключ",
+            'sk-test-"quoted"',  # JSON-escaped in the -v trace, where redaction would miss it
+            "sk-test-back\\slash",
+        ],
+    )
     def test_keys_that_cannot_be_a_header_are_refused(self, cli, server, key):
-        done = cli("--base-url", server.url, "hi", key=key)
+        done = cli("--base-url", server.url, "-v", "hi", key=key)
         assert (done.code, done.err) == (
             2,
-            "error: OPENAI_API_KEY holds spaces, control or non-ASCII "
+            "error: OPENAI_API_KEY holds spaces, quotes, backslashes, control or non-ASCII "
             "characters; check its value\n",
         )
         assert server.requests == []

@@ -763,19 +763,20 @@ class TestAttachCommands:
         assert after_banner(done.err) == f"{error}\n(with the next message: nothing)\n\n"
         assert contents(server.bodies[0]) == [("user", "q")]
 
-    def test_an_attachment_waits_for_an_answer_and_stays_across_reset(self, cli, server, tmp_path):
+    def test_an_attachment_waits_for_an_answer_and_reset_drops_it(self, cli, server, tmp_path):
+        # one the server refuses (an image to a text-only model) would otherwise fail every message
         (tmp_path / "notes.txt").write_text("n\n")
-        server.reply(busy(), streamed("a1"), streamed("a2"), streamed("a3"))
+        (tmp_path / "memo.txt").write_text("m\n")
+        server.reply(busy(), streamed("a1"), busy(), streamed("a2"), streamed("a3"))
+        lines = ["/file notes.txt", "failed", "/retry", "/file notes.txt", "refused", "/reset"]
         done = cli(
-            "--base-url",
-            server.url,
-            ttys=TERMINAL,
-            lines=["/file notes.txt", "failed", "/retry", "/file notes.txt", "/reset", "q", "q2"],
+            "--base-url", server.url, "-f", "memo.txt", ttys=TERMINAL, lines=[*lines, "q", "q2"]
         )
         assert done.code == 0
         sent = [body["messages"][-1]["content"] for body in server.bodies]
-        block = "\n\nnotes.txt\n```\nn\n```"
-        assert sent == ["failed" + block, "failed" + block, "q" + block, "q2"]
+        notes, memo = "\n\nnotes.txt\n```\nn\n```", "\n\nmemo.txt\n```\nm\n```"
+        # -f files go with the first message of each conversation, as when chat.py started
+        assert sent == ["failed" + memo + notes] * 2 + ["refused" + notes, "q" + memo, "q2"]
 
 
 class TestBanner:
@@ -1146,6 +1147,14 @@ class TestRealTerminal:
             r"/help · Ctrl-D leaves\n> q1\n> q2\n> \n",
             shown.replace("\r", ""),
         ), shown
+
+    def test_text_then_reasoning_in_one_read_are_drawn_in_that_order(self, terminal, server):
+        # stdout is buffered and stderr is not: the text must be flushed before reasoning starts
+        one_read = chunk("", role="assistant") + chunk("Before ") + chunk(reasoning_content="hmm")
+        server.reply(sse_response(one_read, stream_events("after.")))
+        child = terminal("--no-save", "--stream", "q")
+        assert ended(child) == 0
+        assert SPINNER.sub("", child.before) == (f"Before {DIM}hmm{NORMAL}\r\n\r\nafter.\r\n")
 
     def test_spinner_then_dim_reasoning_then_the_answer(self, terminal, server):
         server.reply(late(0.8, THINKING))

@@ -671,9 +671,10 @@ class TestBoundedWork:
 # ------------------------------------------------------------ round 2 (v4)
 
 
-def stored_png(path: Path, width: int, height: int) -> Path:
+def stored_png(path: Path, width: int, height: int, palette: bool = False) -> Path:
     """A real RGB PNG of width x height black pixels, compressed as it is written (row by row):
-    a 9400x9400 one takes about 350 KB on disk, and this process never holds its pixels."""
+    a 9400x9400 one takes about 350 KB on disk, and this process never holds its pixels.
+    palette: 1 byte a pixel, of a palette whose one colour is transparent (a tRNS chunk)."""
     import struct
     import zlib
 
@@ -681,14 +682,15 @@ def stored_png(path: Path, width: int, height: int) -> Path:
         crc = zlib.crc32(kind + data)
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
-    packer, row, pieces = zlib.compressobj(9), b"\x00" * (1 + 3 * width), []
+    packer, row, pieces = zlib.compressobj(9), b"\x00" * (1 + (1 if palette else 3) * width), []
     for _ in range(height):
         pieces.append(packer.compress(row))
     pieces.append(packer.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 3 if palette else 2, 0, 0, 0)
     path.write_bytes(
         b"\x89PNG\r\n\x1a\n"
         + png_chunk(b"IHDR", ihdr)
+        + (png_chunk(b"PLTE", b"\x00\x00\x00") + png_chunk(b"tRNS", b"\x00") if palette else b"")
         + png_chunk(b"IDAT", b"".join(pieces))
         + png_chunk(b"IEND", b"")
     )
@@ -766,6 +768,28 @@ class TestImagesAreRasterImages:
             )
             assert done.seconds < 10
         assert server.requests == []
+
+    def test_a_palette_png_counts_the_pixels_it_is_converted_to(self, cli, server, tmp_path):
+        # 1 byte a pixel as stored (89 MB here), but a transparent one is sent as RGBA, 4 bytes
+        # a pixel, converted twice over: with --detail original that peaked at 638 MB
+        stored_png(tmp_path / "flat.png", 9459, 9459, palette=True)
+        done = run_limited(
+            cli, "--base-url", server.url, "--detail", "original", "--image", "flat.png", "q"
+        )
+        assert (done.returncode, done.stdout) == (2, b"")
+        assert done.stderr.decode() == (
+            "error: image flat.png is too large (over 89,478,485 pixels, or 128 MiB decoded)\n"
+        )
+        assert server.requests == []
+
+    def test_a_palette_png_that_fits_is_sent_as_a_transparent_png(self, cli, server, tmp_path):
+        stored_png(tmp_path / "flat.png", 5000, 5000, palette=True)  # 100 MB as RGBA
+        done = run_limited(
+            cli, "--base-url", server.url, "--detail", "original", "--image", "flat.png", "q"
+        )
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"Hello!\n", b"")
+        [part] = server.bodies[0]["messages"][0]["content"][1:]
+        assert part["image_url"]["url"].startswith("data:image/png;base64,")
 
     def test_a_large_image_that_fits_is_sent_within_the_memory_limit(self, cli, server, tmp_path):
         # 24 megapixels, 96 MB decoded: under the bound, shrunk to what the model sees
