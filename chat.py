@@ -513,19 +513,8 @@ class Env:
 # a seventh of chat.py's start-up.
 
 
-class Server:
+class Server(namedtuple("Server", "base_url key timeout retries model")):
     """Where requests go and how, and the model the settings name."""
-
-    def __init__(
-        self,
-        base_url: str,
-        key: str = "",
-        timeout: float = DEFAULT_TIMEOUT,
-        retries: int = DEFAULT_RETRIES,
-        model: str = "",
-    ):
-        self.base_url, self.key, self.timeout, self.retries = base_url, key, timeout, retries
-        self.model = model
 
     @property
     def host(self) -> str:
@@ -1131,15 +1120,6 @@ def pretty_body(body: bytes | str) -> str:
         return text
 
 
-def status_reason(response) -> str:
-    import http
-
-    try:
-        return response.reason or http.HTTPStatus(response.status_code).phrase
-    except ValueError:
-        return ""
-
-
 class Trace:
     """The -v trace of each HTTP exchange, on stderr, in the style of curl -v."""
 
@@ -1163,7 +1143,7 @@ class Trace:
         if request.body:
             self.write("> ", pretty_body(request.body))
         version = {10: "1.0", 11: "1.1", 20: "2"}.get(response.raw.version, "1.1")
-        self.write("< ", f"HTTP/{version} {response.status_code} {status_reason(response)}")
+        self.write("< ", f"HTTP/{version} {response.status_code} {response.reason}")
         for name, value in response.headers.items():
             cookie = name.lower() == "set-cookie"
             self.write("< ", f"{name}: {value.split('=', 1)[0] + '=…' if cookie else value}")
@@ -1374,7 +1354,7 @@ def clock_after(seconds: float) -> str:
 def api_error(response, body: bytes) -> ApiError:
     """An ApiError for an HTTP error status: what the server said, whether and when to retry."""
     code, text = response.status_code, body.decode("utf-8", "replace")
-    status = f"HTTP {code} {status_reason(response)}".strip()
+    status = f"HTTP {code} {response.reason}".strip()
     try:
         message = error_message(json.loads(body))
     except (ValueError, RecursionError):
@@ -2801,13 +2781,6 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
     trace = Trace(env, server.key) if settings.verbose else None
     output = Output(env, settings.show_reasoning, spin=not trace)  # the trace shows progress itself
 
-    def read(response, streamed: bool) -> Reply:
-        return (
-            stream_reply(response, server, output, trace)
-            if streamed
-            else read_reply(response, server, trace)
-        )
-
     outcome = "interrupted"
     try:
         reply = send_with_retries(
@@ -2815,7 +2788,11 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
             server,
             "/chat/completions",
             body,
-            read,
+            lambda response, streamed: (
+                stream_reply(response, server, output, trace)
+                if streamed
+                else read_reply(response, server, trace)
+            ),
             env,
             trace,
             [
