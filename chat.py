@@ -1416,9 +1416,22 @@ def retry_wait(error: ChatError, attempt: int, retries: int) -> float | None:
 
 
 def send(session, server: Server, path: str, body: dict | None, trace: Trace | None):
-    """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400."""
+    """One HTTP exchange (POST with a body, else GET), up to a response with a status below 400.
+    Each read waits at most the timeout; so that a trickle cannot draw out the status line and
+    headers, an alarm bounds them all where there is one (not on Windows)."""
     import requests
 
+    deadline = min(CONNECT_TIMEOUT, server.timeout) + server.timeout
+
+    def too_slow(*_) -> None:
+        raise TimedOut(
+            f"{server.host} sent its status line and headers too slowly: not whole after "
+            f"{deadline:g} s (--timeout)"
+        )
+
+    if hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, too_slow)
+        signal.setitimer(signal.ITIMER_REAL, deadline)
     try:
         response = session.request(
             "GET" if body is None else "POST",
@@ -1435,6 +1448,9 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
         )
     except requests.RequestException as exc:
         raise chat_error(exc, server) from None
+    finally:
+        if hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)
     if trace:
         trace.exchange(response)
     if response.status_code >= 400:

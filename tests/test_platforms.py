@@ -1,11 +1,12 @@
 """Every platform: chat.py with what native Windows lacks, and output in any locale.
 
 Windows is simulated on this machine: `windows` takes away the POSIX-only parts of `os`
-(O_NOFOLLOW, O_NONBLOCK, getuid, fchmod, pread ...), `readline` and `signal.SIGPIPE`, and
-chooses the Windows paths (chat.WINDOWS, %LOCALAPPDATA% and %APPDATA% in temporary folders,
-no CHAT_PY_HOME); os.path and pathlib stay POSIX, as this machine needs them. The main flows
-run under it in-process, and once in a real process (a sitecustomize on PYTHONPATH does the
-same there before chat.py starts). Output encodings are tested in real processes."""
+(O_NOFOLLOW, O_NONBLOCK, getuid, fchmod, pread ...), `readline`, `signal.SIGPIPE` and the alarm
+(SIGALRM, setitimer), and chooses the Windows paths (chat.WINDOWS, %LOCALAPPDATA% and
+%APPDATA% in temporary folders, no CHAT_PY_HOME); os.path and pathlib stay POSIX, as this
+machine needs them. The main flows run under it in-process, and once in a real process (a
+sitecustomize on PYTHONPATH does the same there before chat.py starts). Output encodings are
+tested in real processes."""
 
 import builtins
 import io
@@ -66,7 +67,8 @@ def windows(monkeypatch, tmp_path, cli):
     in %LOCALAPPDATA% and %APPDATA% of their own; state is where conversations should land."""
     for name in POSIX_ONLY:
         monkeypatch.delattr(os, name, raising=False)
-    monkeypatch.delattr(signal, "SIGPIPE", raising=False)
+    for name in ("SIGPIPE", "SIGALRM", "setitimer", "ITIMER_REAL"):
+        monkeypatch.delattr(signal, name, raising=False)
     monkeypatch.setitem(sys.modules, "readline", None)  # import readline: ImportError
     monkeypatch.setattr(chat, "WINDOWS", True)
     local, roaming = tmp_path / "AppData" / "Local", tmp_path / "AppData" / "Roaming"
@@ -99,7 +101,7 @@ def sitecustomize(folder: Path) -> Path:
             for name in {POSIX_ONLY!r}:
                 if hasattr(os, name):
                     delattr(os, name)
-            del signal.SIGPIPE
+            del signal.SIGPIPE, signal.SIGALRM, signal.setitimer, signal.ITIMER_REAL
             sys.modules["readline"] = None
             os.name = "nt"
             """

@@ -1052,7 +1052,13 @@ class TestTimeoutMeansProgress:
 
     @pytest.mark.parametrize(
         "how",
-        ["delta: {} keep-alives", "an event a byte at a time", "a whole reply a byte at a time"],
+        [
+            "delta: {} keep-alives",
+            "an event a byte at a time",
+            "a whole reply a byte at a time",
+            "a status line a byte at a time",
+            "header lines one by one",
+        ],
     )
     def test_no_progress_within_the_timeout_is_exit_4(self, cli, server, how):
         if how == "delta: {} keep-alives":
@@ -1070,16 +1076,21 @@ class TestTimeoutMeansProgress:
                 self.trickle(SSE_HEAD, [chunk_of(event[i : i + 1]) for i in range(len(event))])
             )
             said = "sent no data for 3 s, only keep-alives (--timeout)"
-        else:
+        elif how == "a whole reply a byte at a time":
             body = json.dumps(completion("x" * 100)).encode()
             head = json_response(body)[: -len(body)]
             server.reply(self.trickle(head, [body[i : i + 1] for i in range(len(body))]))
             said = "sent its reply too slowly: not whole after 3 s (--timeout)"
+        else:  # each read gets bytes within the timeout, which would go on for hours
+            pieces = [b" "] * 40 if how.startswith("a status") else [b"X-Pad: 1\r\n"] * 40
+            head = b"HTTP/1.1 200 OK" + (b"" if how.startswith("a status") else b"\r\n")
+            server.reply(self.trickle(head, pieces))
+            said = "sent its status line and headers too slowly: not whole after 6 s (--timeout)"
         started = time.monotonic()
         done = cli("--base-url", server.url, "--timeout", "3", "q")
         assert (done.code, done.out) == (4, "")
         assert done.err == f"error: 127.0.0.1:{server.port} {said}\n"
-        assert time.monotonic() - started < 8
+        assert time.monotonic() - started < 9
         assert saved() == {}
 
 
