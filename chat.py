@@ -349,7 +349,7 @@ def check_base_url(url: str, source: str) -> str:
     except ValueError:
         pass
     raise UsageError(
-        f"{source} must be a plain http:// or https:// URL with a valid host, "
+        f"{source} must be a plain http:// or https:// URL with a valid host and port, "
         f"not '{shown_url(url)}'"
     )
 
@@ -2666,7 +2666,8 @@ def read_settings(env: Env) -> dict[str, str]:
         raise UsageError(
             f"{what} can be changed by another user (owner uid {info.st_uid}, "
             f"mode {info.st_mode & 0o777:o}), who could send your questions anywhere",
-            hint=f"(chown it to yourself, then chmod 600 {shlex.quote(path)})",
+            hint=f"({'' if info.st_uid == os.getuid() else 'chown it to yourself, then '}"
+            f"chmod 600 {shlex.quote(path)})",
         )
     return read_env_lines(
         data, path, SETTINGS_NAMES, env, f"it sets only {', '.join(SETTINGS_NAMES)}"

@@ -351,12 +351,12 @@ class TestOptions:
             (("--temperature", "nan"), "--temperature must be a number, not 'nan' (see --help)"),
             (
                 ("--base-url", "ftp://example.com"),
-                "--base-url must be a plain http:// or https:// URL with a valid host, "
+                "--base-url must be a plain http:// or https:// URL with a valid host and port, "
                 "not 'ftp://example.com'",
             ),
             (
                 ("--base-url", "localhost:8080/v1"),
-                "--base-url must be a plain http:// or https:// URL with a valid host, "
+                "--base-url must be a plain http:// or https:// URL with a valid host and port, "
                 "not 'localhost:8080/v1'",
             ),
             (("-m", ""), "-m/--model needs a model name"),

@@ -60,8 +60,8 @@ class TestBaseUrlAsRequestsReadsIt:
         done = cli("--base-url", url, "the diff")
         assert (done.code, done.out) == (2, "")
         assert done.err == (
-            f"error: --base-url must be a plain http:// or https:// URL with a valid host, "
-            f"not '{shown or url}'\n"
+            "error: --base-url must be a plain http:// or https:// URL with a valid host and "
+            f"port, not '{shown or url}'\n"
         )
         assert proxy.requests == [] and server.requests == []
 
@@ -75,7 +75,7 @@ class TestBaseUrlAsRequestsReadsIt:
         source = "OPENAI_BASE_URL" + ("" if env else f" in {settings_file()}")
         assert (done.code, done.out) == (2, "")
         assert done.err == (
-            f"error: {source} must be a plain http:// or https:// URL with a valid host, "
+            f"error: {source} must be a plain http:// or https:// URL with a valid host and port, "
             f"not '{url}'\n"
         )
         assert proxy.requests == [] and server.requests == []
@@ -404,8 +404,8 @@ class TestRefusedSettingsFile:
             cli,
             server,
             f"the settings file {settings} can be changed by another user (owner uid {uid}, "
-            f"mode {mode}), who could send your questions anywhere (chown it to yourself, then "
-            f"chmod 600 {settings})",
+            f"mode {mode}), who could send your questions anywhere "
+            f"({'' if uid == os.getuid() else 'chown it to yourself, then '}chmod 600 {settings})",
         )
 
     def test_a_symbolic_link(self, cli, server, settings, short_home):

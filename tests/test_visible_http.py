@@ -294,7 +294,7 @@ class TestPasswordInTheBaseUrl:
         done = cli("--base-url", f"ftp://user:{self.PASSWORD}@files.example/v1", "q")
         assert (done.code, done.out) == (2, "")
         assert done.err == (
-            "error: --base-url must be a plain http:// or https:// URL with a valid host, "
+            "error: --base-url must be a plain http:// or https:// URL with a valid host and port, "
             "not 'ftp://user:***@files.example/v1'\n"
         )
 
