@@ -276,6 +276,11 @@ class ChatError(Exception):
         self.retryable, self.retry_after = retryable, retry_after
 
 
+class TooSlow(BaseException):
+    """send()'s alarm: not an Exception, which a library could swallow (http.cookiejar catches
+    every Exception while it parses cookies, and goes on)."""
+
+
 class UsageError(ChatError):
     exit_status = ExitStatus.USAGE
 
@@ -914,8 +919,10 @@ def shrink_image(image, detail: str | None):
     if target != image.size:
         image.draft(None, target)  # JPEG: decode at 1/2, 1/4 or 1/8 when that still covers it
     # Pillow holds a pixel in 1 byte, or in 4 for every mode of more bands or bits (I;16: 2);
-    # a palette image is sent as RGB or RGBA, 4 bytes a pixel.
-    if image.width * image.height * (1 if image.mode in ("1", "L") else 4) > MAX_DECODED:
+    # a palette image is sent as RGB or RGBA, 4 bytes a pixel. libwebp decodes into buffers of
+    # its own besides (a 33-megapixel WebP peaked at 850 MB): a WebP pixel counts twice.
+    held = (1 if image.mode in ("1", "L") else 4) * (2 if image.format == "WEBP" else 1)
+    if image.width * image.height * held > MAX_DECODED:
         raise Image.DecompressionBombError(f"{image.width}x{image.height} {image.mode}")
     return image.resize(target, Image.Resampling.BICUBIC) if target != image.size else image
 
@@ -994,13 +1001,6 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", note
 
 
-def read_image_url(source: str, detail: str | None, env: Env) -> tuple[str, str]:
-    """The URL to send for --image (URLs as given, files inlined), and a note for -v."""
-    if source.startswith(("http://", "https://", "data:")):
-        return source, f"image {elide_base64(source)}: sent as given"
-    return encode_image_file(source, detail, env)
-
-
 def read_attachment(
     source: str, detail: str | None, env: Env, image: bool = False
 ) -> tuple[str | dict, str]:
@@ -1008,8 +1008,12 @@ def read_attachment(
     a text block (str) or a content part (dict); and a note for -v."""
     import base64
 
-    if image:
-        url, note = read_image_url(source, detail, env)
+    if image:  # a URL goes as given, a file inline
+        url, note = (
+            (source, f"image {elide_base64(source)}: sent as given")
+            if source.startswith(("http://", "https://", "data:"))
+            else encode_image_file(source, detail, env)
+        )
         return {"type": "image_url", "image_url": drop_nones({"url": url, "detail": detail})}, note
     try:
         with open_input(env.path(source)) as file:
@@ -1424,33 +1428,36 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
     deadline = min(CONNECT_TIMEOUT, server.timeout) + server.timeout
 
     def too_slow(*_) -> None:
-        raise TimedOut(
-            f"{server.host} sent its status line and headers too slowly: not whole after "
-            f"{deadline:g} s (--timeout)"
-        )
+        raise TooSlow
 
     if hasattr(signal, "setitimer"):
         signal.signal(signal.SIGALRM, too_slow)
         signal.setitimer(signal.ITIMER_REAL, deadline)
     try:
-        response = session.request(
-            "GET" if body is None else "POST",
-            api_url(server.base_url, path),
-            json=body,
-            headers={"User-Agent": USER_AGENT},
-            # without a key, a user and password in the base URL go as Basic auth, as in curl
-            auth=None
-            if not server.key and urlsplit(server.base_url).username
-            else bearer_auth(server.key),
-            timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
-            stream=True,  # return at the headers; the caller reads the body
-            hooks={"response": refuse_other_origins},
-        )
+        try:
+            response = session.request(
+                "GET" if body is None else "POST",
+                api_url(server.base_url, path),
+                json=body,
+                headers={"User-Agent": USER_AGENT},
+                # without a key, a user and password in the base URL go as Basic auth, as in curl
+                auth=None
+                if not server.key and urlsplit(server.base_url).username
+                else bearer_auth(server.key),
+                timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
+                stream=True,  # return at the headers; the caller reads the body
+                hooks={"response": refuse_other_origins},
+            )
+        finally:  # before the handlers below, so that the alarm cannot go off in them
+            if hasattr(signal, "setitimer"):
+                signal.setitimer(signal.ITIMER_REAL, 0)
+    except TooSlow:
+        raise TimedOut(
+            f"{server.host} sent its status line and headers too slowly: not whole after "
+            f"{deadline:g} s (--timeout)"
+        ) from None
     except requests.RequestException as exc:
         raise chat_error(exc, server) from None
-    finally:
-        if hasattr(signal, "setitimer"):
-            signal.setitimer(signal.ITIMER_REAL, 0)
     if trace:
         trace.exchange(response)
     if response.status_code >= 400:

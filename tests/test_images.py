@@ -2,7 +2,8 @@
 bytes go, broken files, and images on the wire.
 
 Every image is generated with Pillow at test time; small ones where the size does not matter.
-chat.read_image_url() is called directly, with an Env whose folder holds the image.
+chat.read_attachment(..., image=True) is called directly, with an Env whose folder holds the
+image.
 """
 
 import base64
@@ -24,9 +25,16 @@ from PIL import Image, ImageDraw
 import chat
 
 
+def image_url(source: str, detail: str | None, folder) -> tuple[str, str]:
+    """The URL of the image part that --image SOURCE adds, and its -v note."""
+    part, note = chat.read_attachment(source, detail, chat.Env(cwd=str(folder)), image=True)
+    assert part["type"] == "image_url"
+    return part["image_url"]["url"], note
+
+
 def prepared(path, detail=None) -> tuple[str, bytes, str]:
     """(MIME type, bytes, -v note) of what chat.py sends for a local image."""
-    url, note = chat.read_image_url(path.name, detail, chat.Env(cwd=str(path.parent)))
+    url, note = image_url(path.name, detail, path.parent)
     header, data = url.split(",", 1)
     assert header.startswith("data:image/") and header.endswith(";base64")
     return (
@@ -161,7 +169,7 @@ class TestLocalImages:
     def test_a_relative_path_is_found_in_the_runs_folder(self, tmp_path):
         (tmp_path / "sub").mkdir()
         save(Image.new("L", (3, 2), 9), tmp_path / "sub" / "dot.png")
-        url, note = chat.read_image_url("dot.png", None, chat.Env(cwd=str(tmp_path / "sub")))
+        url, note = image_url("dot.png", None, tmp_path / "sub")
         assert url.startswith("data:image/png;base64,") and note.startswith(
             "image dot.png: 3x2 PNG L, "
         )
@@ -251,7 +259,11 @@ class TestLocalImages:
         ],
     )
     def test_urls_pass_through_unchanged(self, tmp_path, url, note):
-        assert chat.read_image_url(url, "high", chat.Env(cwd=str(tmp_path))) == (url, note)
+        part, said = chat.read_attachment(url, "high", chat.Env(cwd=str(tmp_path)), image=True)
+        assert (part, said) == (
+            {"type": "image_url", "image_url": {"url": url, "detail": "high"}},
+            note,
+        )
 
 
 class TestOriginalBytes:

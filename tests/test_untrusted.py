@@ -782,6 +782,23 @@ class TestImagesAreRasterImages:
         )
         assert server.requests == []
 
+    def test_a_webp_counts_what_libwebp_holds_besides(self, cli, server, tmp_path):
+        # 33.5 megapixels of RGBA, 134 MB as Pillow holds it, in a 38-byte file: libwebp's own
+        # buffers took the peak to 717 MB with --detail original
+        from PIL import Image
+
+        Image.new("RGBA", (5790, 5790), (10, 20, 30, 128)).save(
+            tmp_path / "flat.webp", lossless=True, method=0
+        )
+        done = run_limited(
+            cli, "--base-url", server.url, "--detail", "original", "--image", "flat.webp", "q"
+        )
+        assert (done.returncode, done.stdout) == (2, b"")
+        assert done.stderr.decode() == (
+            "error: image flat.webp is too large (over 89,478,485 pixels, or 128 MiB decoded)\n"
+        )
+        assert server.requests == []
+
     def test_a_palette_png_that_fits_is_sent_as_a_transparent_png(self, cli, server, tmp_path):
         stored_png(tmp_path / "flat.png", 5000, 5000, palette=True)  # 100 MB as RGBA
         done = run_limited(
@@ -1085,13 +1102,39 @@ class TestTimeoutMeansProgress:
             pieces = [b" "] * 40 if how.startswith("a status") else [b"X-Pad: 1\r\n"] * 40
             head = b"HTTP/1.1 200 OK" + (b"" if how.startswith("a status") else b"\r\n")
             server.reply(self.trickle(head, pieces))
-            said = "sent its status line and headers too slowly: not whole after 6 s (--timeout)"
+            said = "sent its status line and headers too slowly: not whole after 2 s (--timeout)"
         started = time.monotonic()
-        done = cli("--base-url", server.url, "--timeout", "3", "q")
+        timeout = "1" if "headers" in said else "3"  # connecting's 1 s and --timeout's 1 s
+        done = cli("--base-url", server.url, "--timeout", timeout, "q")
         assert (done.code, done.out) == (4, "")
         assert done.err == f"error: 127.0.0.1:{server.port} {said}\n"
         assert time.monotonic() - started < 9
         assert saved() == {}
+
+    def test_the_alarm_cannot_be_swallowed_by_a_librarys_except_exception(self, cli, server):
+        # http.cookiejar parses Set-Cookie2 inside `except Exception` (it warns "http.cookiejar
+        # bug!" and goes on): 40 lines of 3,000 cookies keep it there past the 1 s deadline, and
+        # the redirect's target then trickles its header without end
+        cookies = b"".join(
+            b"Set-Cookie2: " + b",".join(b"k%d_%d=v" % (line, i) for i in range(3000)) + b"\r\n"
+            for line in range(40)
+        )
+        server.reply(
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /v1/chat/completions\r\n"
+            + b"Set-Cookie: a=b\r\n"  # with one of these, the Set-Cookie2 lines are parsed too
+            + cookies
+            + b"Content-Length: 0\r\n\r\n",
+            self.trickle(b"HTTP/1.1 200 OK\r\nX: ", [b"y"] * 40),
+        )
+        started = time.monotonic()
+        # a real process: the warning and its traceback would go to the real stderr
+        done = cli.process("--base-url", server.url, "--timeout", "0.5", "--retries", "0", "q")
+        assert (done.code, done.out) == (4, "")
+        assert done.err == (
+            f"error: 127.0.0.1:{server.port} sent its status line and headers too slowly: "
+            "not whole after 1 s (--timeout)\n"
+        )
+        assert time.monotonic() - started < 10
 
 
 class TestBoundsCountEverything:
