@@ -514,8 +514,8 @@ class Env:
         return spinner is not None
 
 
-# Plain classes, not dataclasses: importing dataclasses (and with it inspect) would cost about
-# a seventh of chat.py's start-up.
+# Plain classes and a namedtuple, not dataclasses: importing dataclasses (and with it inspect)
+# would cost about a seventh of chat.py's start-up.
 
 
 class Server(namedtuple("Server", "base_url key timeout retries model")):
@@ -2713,7 +2713,11 @@ def check_key(server: Server, env: Env) -> None:
         return
     # requests would refuse such a header, quoting it (and so the key) in its error; JSON escapes
     # a quote or a backslash, so a key holding one would escape redaction in the -v trace.
-    if not server.key.isascii() or not server.key.isprintable() or set(' "\\') & set(server.key):
+    if (
+        not server.key.isascii()
+        or not server.key.isprintable()
+        or any(char in server.key for char in ' "\\')
+    ):
         raise UsageError(
             "OPENAI_API_KEY holds spaces, quotes, backslashes, control or non-ASCII characters; "
             "check its value"
