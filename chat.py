@@ -1258,17 +1258,16 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
 
 def iter_body(response, server: Server):
     """The body's bytes as they arrive, decompressed, READ_SIZE at most at a time (urllib3 read
-    directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked)."""
+    directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked,
+    and a chunked body's reader for the whole of each chunk, which a server may trickle)."""
     import urllib3
 
     raw = response.raw
     try:
-        if raw.chunked:
-            yield from raw.read_chunked(READ_SIZE, decode_content=True)
-        elif hasattr(raw, "read1"):  # urllib3 2.3+
+        if hasattr(raw, "read1"):  # urllib3 2.3+
             while chunk := raw.read1(READ_SIZE, decode_content=True):
                 yield chunk
-        else:  # older urllib3: waits for READ_SIZE bytes or the end of the body
+        else:  # older urllib3: waits for READ_SIZE bytes, a whole chunk or the end of the body
             yield from raw.stream(READ_SIZE, decode_content=True)
     except urllib3.exceptions.HTTPError as exc:
         raise chat_error(exc, server) from None
@@ -1430,10 +1429,10 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
     def too_slow(*_) -> None:
         raise TooSlow
 
-    if hasattr(signal, "setitimer"):
-        signal.signal(signal.SIGALRM, too_slow)
-        signal.setitimer(signal.ITIMER_REAL, deadline)
-    try:
+    try:  # armed inside: a deadline of a microsecond goes off in setitimer itself
+        if hasattr(signal, "setitimer"):
+            signal.signal(signal.SIGALRM, too_slow)
+            signal.setitimer(signal.ITIMER_REAL, deadline)
         try:
             response = session.request(
                 "GET" if body is None else "POST",
@@ -1656,14 +1655,12 @@ def tool_call_lines(calls: dict[int, dict]) -> str:
     """One JSON line per tool call, {"name": ..., "arguments": ...}, the arguments parsed."""
     lines = []
     for _, call in sorted(calls.items()):
-        arguments = "".join(call["pieces"])
-        try:
-            arguments = json.loads(arguments)
+        as_sent = {"name": call["name"], "arguments": "".join(call["pieces"])}
+        try:  # as text when they are no JSON, or nest too deep to be written again
+            parsed = {**as_sent, "arguments": json.loads(as_sent["arguments"])}
+            lines.append(json.dumps(parsed, ensure_ascii=False) + "\n")
         except (ValueError, RecursionError):
-            pass
-        lines.append(
-            json.dumps({"name": call["name"], "arguments": arguments}, ensure_ascii=False) + "\n"
-        )
+            lines.append(json.dumps(as_sent, ensure_ascii=False) + "\n")
     return "".join(lines)
 
 

@@ -7,6 +7,7 @@ proxies (requests reads them from the process environment, which is what the att
 a real terminal (a pty), and memory limits (RLIMIT_AS)."""
 
 import gzip
+import itertools
 import json
 import os
 import re
@@ -105,6 +106,9 @@ def endless(head: bytes, piece: bytes, count: int, tail: bytes = b""):
         conn.sendall(tail)
 
     return send
+
+
+CHUNKED_JSON_HEAD = SSE_HEAD.replace(b"text/event-stream", b"application/json")
 
 
 def redirect_to(location: str) -> bytes:
@@ -606,8 +610,7 @@ class TestBoundedWork:
     def test_a_70_mib_reply(self, cli, server, chunked):
         spaces = b" " * MiB  # JSON whitespace: the size alone is the problem
         if chunked:
-            head = SSE_HEAD.replace(b"text/event-stream", b"application/json")
-            server.reply(endless(head, chunk_of(spaces), 70, END_CHUNKS))
+            server.reply(endless(CHUNKED_JSON_HEAD, chunk_of(spaces), 70, END_CHUNKS))
         else:
             server.reply(
                 endless(
@@ -623,6 +626,18 @@ class TestBoundedWork:
             f"error: the reply from 127.0.0.1:{server.port} is larger than "
             "64 MiB; chat.py reads no further\n"
         )
+
+    def test_a_negative_chunk_size(self, cli, server):
+        # "-1" is read as "until the connection closes": 70 MiB follow, counted as they come
+        head = CHUNKED_JSON_HEAD + b"-1\r\n"
+        server.reply(endless(head, b" " * MiB, 70))
+        done = run_limited(cli, "--base-url", server.url, "q")
+        assert (done.returncode, done.stdout) == (1, b"")
+        assert done.stderr.decode() == (
+            f"error: the reply from 127.0.0.1:{server.port} is larger than "
+            "64 MiB; chat.py reads no further\n"
+        )
+        assert done.seconds < 10
 
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
     def test_a_gzip_bomb(self, cli, server, stream):
@@ -997,6 +1012,15 @@ class TestShowCannotBeSpoofed:
         )
 
 
+def parses(opening: str) -> bool:
+    """Whether json.loads, called from here, parses that many brackets nested."""
+    try:
+        json.loads(opening + opening.replace("[", "]"))
+    except RecursionError:
+        return False
+    return True
+
+
 def tool_call(index: int | None, name: str = "f", arguments: str = "{}", **more) -> dict:
     call = {"id": f"call_{index}", "type": "function", "function": {"name": name, **more}}
     call["function"]["arguments"] = arguments
@@ -1019,6 +1043,26 @@ class TestToolCallsAreBounded:
         done = cli("--base-url", server.url, *(["--stream"] if stream else []), "q")
         assert (done.code, done.out, done.err) == (1, "", self.TOO_MANY)
         assert saved() == {}
+
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_arguments_nested_as_deep_as_python_parses(self, cli, server, stream):
+        # json.loads takes one level more than json.dumps writes again (a RecursionError, exit
+        # 70): such arguments go as text. Where that level lies depends on the stack's depth.
+        deepest = next(depth for depth in itertools.count(1) if not parses("[" * depth)) - 1
+        for depth in range(deepest - 60, deepest + 1):
+            arguments = "[" * depth + "]" * depth
+            call = tool_call(0, "f", arguments)
+            if stream:
+                reply = sse_response(chunk(tool_calls=[call]), chunk(finish_reason="tool_calls"))
+            else:
+                reply = json_response(completion(None, "tool_calls", tool_calls=[call]))
+            server.reply(reply)
+            done = cli(
+                "--base-url", server.url, "--no-save", *(["--stream"] if stream else []), "q"
+            )
+            assert (done.code, done.err) == (0, "")
+            written = json.loads(done.out)["arguments"]
+            assert written == arguments or json.dumps(written, separators=(",", ":")) == arguments
 
     def test_1000_calls_without_index_are_assembled_in_order(self, cli, server):
         # no index (as some servers stream them): a new id starts the next call
@@ -1073,6 +1117,8 @@ class TestTimeoutMeansProgress:
             "delta: {} keep-alives",
             "an event a byte at a time",
             "a whole reply a byte at a time",
+            "a chunk a byte at a time",
+            "a streamed chunk a byte at a time",
             "a status line a byte at a time",
             "header lines one by one",
         ],
@@ -1093,6 +1139,16 @@ class TestTimeoutMeansProgress:
                 self.trickle(SSE_HEAD, [chunk_of(event[i : i + 1]) for i in range(len(event))])
             )
             said = "sent no data for 3 s, only keep-alives (--timeout)"
+        elif how in ("a chunk a byte at a time", "a streamed chunk a byte at a time"):
+            # urllib3's chunk reader hands nothing over until a chunk is whole: 64 KiB of it, a
+            # byte every half second, would be 9 hours
+            head = SSE_HEAD if how.startswith("a streamed") else CHUNKED_JSON_HEAD
+            server.reply(self.trickle(head + b"ffff\r\n", [b" "] * 40))
+            said = (
+                "sent no data for 3 s, only keep-alives (--timeout)"
+                if how.startswith("a streamed")
+                else "sent its reply too slowly: not whole after 3 s (--timeout)"
+            )
         elif how == "a whole reply a byte at a time":
             body = json.dumps(completion("x" * 100)).encode()
             head = json_response(body)[: -len(body)]
@@ -1110,6 +1166,18 @@ class TestTimeoutMeansProgress:
         assert done.err == f"error: 127.0.0.1:{server.port} {said}\n"
         assert time.monotonic() - started < 9
         assert saved() == {}
+
+    def test_an_alarm_that_goes_off_at_once_is_a_timeout(self, cli, server):
+        # at 2 microseconds the alarm may go off while it is being set, or while connecting
+        for _ in range(20):
+            done = cli("--base-url", server.url, "--timeout", "1e-6", "--retries", "0", "q")
+            assert (done.code, done.out, done.err.count("\n")) == (4, "", 1)
+            assert re.fullmatch(
+                r"error: (127\.0\.0\.1:\d+ sent its status line and headers too slowly: not "
+                r"whole after 2e-06 s|could not connect to 127\.0\.0\.1:\d+ within 1e-06 s|"
+                r"127\.0\.0\.1:\d+ did not answer within 1e-06 s) ?(\(--timeout\))?\n",
+                done.err,
+            ), done.err
 
     def test_the_alarm_cannot_be_swallowed_by_a_librarys_except_exception(self, cli, server):
         # http.cookiejar parses Set-Cookie2 inside `except Exception` (it warns "http.cookiejar
