@@ -209,7 +209,8 @@ COMPLETION_BUDGET = re.compile(r"in the completion|max_(completion_|new_)?tokens
 # An error that says the request itself can never work, whatever its status (llama.cpp answers
 # "image input is not supported" and "tools param requires --jinja flag" with a 500).
 REQUEST_CANNOT_WORK = re.compile(
-    r"invalid_request_error|not_supported_error|is not supported|requires --\w|--\w[\w-]* flag",
+    # --\w+(?:-\w+)*, not --\w[\w-]*: on "--a--a--a..." that one backtracks in quadratic time
+    r"invalid_request_error|not_supported_error|is not supported|requires --\w|--\w+(?:-\w+)* flag",
     re.I,
 )
 # Reasoning in every shape a reply carries it: these fields of a message or a stream delta (the
@@ -1302,7 +1303,7 @@ def text_snippet(data: bytes | str) -> str:
     """The start of a body that is not the JSON expected, without HTML markup."""
     text = data[: 64 * 1024]
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-    title = re.search(r"<title[^>]*>(.*?)</title>", text, re.I | re.S)
+    title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.I)  # linear: no .*? to the end
     text = re.sub(
         r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S
     )

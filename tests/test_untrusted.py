@@ -26,6 +26,7 @@ from conftest import (
     chunk,
     chunk_of,
     completion,
+    http_response,
     json_response,
     missing_key_error,
     saved,
@@ -1206,6 +1207,22 @@ class TestTimeoutMeansProgress:
 
 
 class TestBoundsCountEverything:
+    @pytest.mark.parametrize("page", ["JSON", "HTML"])
+    def test_an_error_body_is_searched_in_linear_time(self, cli, server, page):
+        # "--a--a..." made the "--flag" pattern backtrack: 51 s of CPU for 210 KB, about 20
+        # minutes for the 1 MiB read; 64 KiB of "<title>" without its end tag took 2.3 s
+        if page == "JSON":
+            body = b'{"error": {"message": "refused"}, "x": "' + b"--a" * 340_000 + b'"}'
+            said = "refused"
+        else:
+            body, said = b"<html><title>" * 80_000, ""
+        server.reply(http_response(400, body, f"application/{page.lower()}"))
+        started = time.monotonic()
+        done = cli("--base-url", server.url, "--retries", "0", "q")
+        assert done.code == 1
+        assert done.err.startswith(f"error: HTTP 400 Bad Request{': ' + said if said else ''}")
+        assert time.monotonic() - started < 1
+
     def test_the_fence_search_is_linear_and_small(self):
         import tracemalloc
 
