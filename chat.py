@@ -2052,7 +2052,7 @@ def state_dir(env: Env) -> str:
         home = env.get("HOME") or os.path.expanduser("~")
         local = env.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
         state = local if WINDOWS else os.path.join(home, ".local", "state")
-    return env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py")
+    return env.path(env.get("CHAT_PY_HOME") or os.path.join(state, "chat-py"))  # no NUL in it
 
 
 def check_way_to(path: str) -> None:
@@ -2356,9 +2356,11 @@ def list_conversations(folder: str, env: Env) -> None:
     for mtime, name in saved:
         path = os.path.join(folder, f"{name}.jsonl")
         lines = read_private(path).split(b"\n")
-        turns = sum(
-            1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START)
-        ) - 2 * lines.count(UNDO_LINE)  # an undo line drops itself and the turn before it
+        turns = max(  # an undo line drops itself and the turn before it, if there was one
+            0,
+            sum(1 for line in lines if line.strip() and not line.startswith(RETRY_LINE_START))
+            - 2 * lines.count(UNDO_LINE),
+        )
         try:  # the first question, unless /undo dropped it
             first = load_turns(path, env)[0] if UNDO_LINE in lines else json.loads(lines[0])
             question = one_line(message_text(first["user"]["content"]) or "", room=60)
@@ -2790,7 +2792,7 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
     """Send the conversation and the new question, show the reply, save the turn."""
     env, settings, server = chat.env, chat.settings, chat.server
     turns = chat.conversation.turns[:-1] if retry else chat.conversation.turns
-    question = message_text(user_message["content"]) or ""
+    question = message_text(user_message.get("content")) or ""  # a saved turn may have none
     if len(question) > LARGE_QUESTION:
         env.warn(
             f"a large question: about {len(question) // 4:,} tokens "
@@ -3202,7 +3204,7 @@ def enable_line_editing(history: str) -> int | None:
     try:
         for line in read_private(history).decode("utf-8", "replace").splitlines():
             readline.add_history(line)
-    except UsageError:
+    except (UsageError, ValueError):  # readline refuses a NUL
         pass  # no history yet, or a file chat.py will not read
     if "libedit" in (readline.__doc__ or ""):
         return 0
@@ -3228,7 +3230,8 @@ def save_history(history: str, env: Env) -> None:
         make_folder(os.path.dirname(history))
         fd = open_private(history, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         make_private(fd)
-        with open(fd, "w", encoding="utf-8") as file:
+        # a byte typed that is no UTF-8 reached input() as a surrogate: written back as it was
+        with open(fd, "w", encoding="utf-8", errors="surrogateescape") as file:
             file.write("".join(line + "\n" for line in lines[-HISTORY_LINES:]))
     except (OSError, UsageError) as exc:
         env.warn(

@@ -563,6 +563,14 @@ class TestManaging:
         done = cli("--chats")
         assert (done.code, done.out, done.err) == (0, "", f"no saved conversations in {home()}\n")
 
+    def test_chats_counts_no_fewer_than_0_turns(self, cli):
+        folder = home()
+        folder.mkdir(mode=0o700)
+        (folder / "undone.jsonl").write_text('{"undo": true}\n' * 2)
+        done = cli("--chats")
+        assert (done.code, done.err) == (0, "")
+        assert re.match(r"undone\s+0 turns ", done.out)
+
     def test_a_retried_turn_replaces_the_one_before(self, cli, server, three):
         path = home() / "beta.jsonl"
         [first] = saved()["beta"]

@@ -358,6 +358,16 @@ class TestCommands:
         )
         assert server.requests == []
 
+    def test_retry_of_a_saved_turn_without_content(self, cli, server):
+        # a hand-edited file: the question had no "content" (a KeyError, exit 70)
+        folder = Path(os.environ["CHAT_PY_HOME"])
+        folder.mkdir(mode=0o700)
+        (folder / "t1.jsonl").write_text('{"user": {"role": "user"}, "assistant": "x"}\n')
+        server.reply(streamed("again"))
+        done = cli("--base-url", server.url, "--chat", "t1", ttys=TERMINAL, lines=["/retry"])
+        assert (done.code, done.out) == (0, "again\n")
+        assert server.bodies[0]["messages"] == [{"role": "user"}]
+
     def test_reset_starts_a_new_conversation_and_keeps_the_old_file(self, cli, server):
         server.reply(streamed("a1"), streamed("a2"))
         done = cli(
@@ -951,6 +961,7 @@ def terminal(cli, server, tmp_path):
             env=cli.environ(FAKE_KEY, {"TERM": "xterm", **env}),
             cwd=str(tmp_path),
             encoding="utf-8",
+            codec_errors="replace",  # a test may type bytes that are no UTF-8, echoed back
             timeout=10,
             dimensions=(24, 80),
         )
@@ -1095,6 +1106,22 @@ class TestReadline:
         assert ended(child) == 0
         assert history.read_text().splitlines() == old[201:] + ["newest line"]
         assert history.stat().st_mode & 0o777 == 0o600
+
+    def test_a_nul_in_the_history_file_and_a_byte_that_is_no_utf8(self, terminal, server):
+        # readline refused the NUL (ValueError), and the byte came back from input() as a
+        # surrogate that UTF-8 cannot write: each was an exit 70
+        folder = Path(os.environ["CHAT_PY_HOME"])
+        folder.mkdir(mode=0o700)
+        history = folder / "history"
+        history.write_bytes(b"hello\0world\n")
+        history.chmod(0o600)
+        child = start_session(terminal)
+        os.write(child.child_fd, b"/model \xff\xfe\r")  # no UTF-8: as some old terminal sent it
+        child.expect_exact("(model: ")
+        child.expect_exact("> ")
+        child.sendeof()
+        assert ended(child) == 0
+        assert history.read_bytes() == b"/model \xff\xfe\n"  # written back byte for byte
 
     def test_no_save_writes_no_history(self, terminal, server):
         server.reply(streamed("ok"))

@@ -249,6 +249,16 @@ def test_other_names_and_broken_lines_are_warnings(cli, server, another_server):
 LAYERS = ("command line", "environment", ".env", "settings file", "default")
 
 
+@pytest.mark.parametrize("args", [["--chats"], ["q"]], ids=["--chats", "a question"])
+def test_a_nul_in_the_state_folders_name_is_a_usage_error(cli, server, tmp_path, args):
+    # os.lstat raised ValueError (exit 70), for a question after the reply was shown
+    write_settings(f"CHAT_PY_HOME={tmp_path}/x\0y\n")
+    done = cli("--base-url", server.url, *args, env={"CHAT_PY_HOME": ""})
+    assert (done.code, done.out) == (2, "")
+    assert done.err == f"error: no file can be named '{tmp_path}/x\\x00y'\n"
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("top", LAYERS)
 def test_precedence_model_key_and_state_folder(cli, server, tmp_path, top):
     """Each layer from top down sets every name it can; the highest one present wins, name by
