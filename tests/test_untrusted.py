@@ -785,33 +785,27 @@ class TestImagesAreRasterImages:
             assert done.seconds < 10
         assert server.requests == []
 
-    def test_a_palette_png_counts_the_pixels_it_is_converted_to(self, cli, server, tmp_path):
-        # 1 byte a pixel as stored (89 MB here), but a transparent one is sent as RGBA, 4 bytes
-        # a pixel, converted twice over: with --detail original that peaked at 638 MB
-        stored_png(tmp_path / "flat.png", 9459, 9459, palette=True)
-        done = run_limited(
-            cli, "--base-url", server.url, "--detail", "original", "--image", "flat.png", "q"
-        )
-        assert (done.returncode, done.stdout) == (2, b"")
-        assert done.stderr.decode() == (
-            "error: image flat.png is too large (over 89,478,485 pixels, or 128 MiB decoded)\n"
-        )
-        assert server.requests == []
-
-    def test_a_webp_counts_what_libwebp_holds_besides(self, cli, server, tmp_path):
-        # 33.5 megapixels of RGBA, 134 MB as Pillow holds it, in a 38-byte file: libwebp's own
-        # buffers took the peak to 717 MB with --detail original
+    @pytest.mark.parametrize("name", ["flat.png", "flat.webp"], ids=["palette PNG", "WebP"])
+    def test_an_image_counts_what_converting_or_decoding_it_holds(
+        self, cli, server, tmp_path, name
+    ):
+        # The PNG: 1 byte a pixel as stored (89 MB), but a transparent one is sent as RGBA, 4
+        # bytes a pixel, converted twice over: with --detail original that peaked at 638 MB.
+        # The WebP: 33.5 megapixels of RGBA (134 MB as Pillow holds it) in a 38-byte file:
+        # libwebp's own buffers took the peak to 717 MB.
         from PIL import Image
 
-        Image.new("RGBA", (5790, 5790), (10, 20, 30, 128)).save(
-            tmp_path / "flat.webp", lossless=True, method=0
-        )
+        if name.endswith(".png"):
+            stored_png(tmp_path / name, 9459, 9459, palette=True)
+        else:
+            image = Image.new("RGBA", (5790, 5790), (10, 20, 30, 128))
+            image.save(tmp_path / name, lossless=True, method=0)
         done = run_limited(
-            cli, "--base-url", server.url, "--detail", "original", "--image", "flat.webp", "q"
+            cli, "--base-url", server.url, "--detail", "original", "--image", name, "q"
         )
         assert (done.returncode, done.stdout) == (2, b"")
         assert done.stderr.decode() == (
-            "error: image flat.webp is too large (over 89,478,485 pixels, or 128 MiB decoded)\n"
+            f"error: image {name} is too large (over 89,478,485 pixels, or 128 MiB decoded)\n"
         )
         assert server.requests == []
 
