@@ -123,15 +123,38 @@ class TestBrokenConnections:
         )
 
     @pytest.mark.parametrize(
-        "location", ["http://127.0.0.1:abc/", "http://[::1", "http://127.0.0.1:99999/v1"]
+        "location, shown",
+        [
+            ("http://127.0.0.1:abc/", None),
+            ("http://[::1", None),
+            ("http://127.0.0.1:99999/v1", None),
+            # The header's bytes as Latin-1 (as http.client reads them), shown made visible.
+            # requests reads them as UTF-8, where NFKC turns a fullwidth / into a / and
+            # urlsplit refuses the netloc; read as Latin-1 the same origin was followed (exit 70).
+            (
+                "http://u\u00ef\u00bc\u008f@127.0.0.1:{port}/v1",
+                "http://u\u00ef\u00bc\\x8f@127.0.0.1:{port}/v1",
+            ),
+            (
+                "http://u\u00ef\u00bc\u0083@127.0.0.1:{port}/v1",
+                "http://u\u00ef\u00bc\\x83@127.0.0.1:{port}/v1",
+            ),
+            (
+                "http://\u00ef\u00bc\u00a0127.0.0.1:{port}/v1",
+                "http://\u00ef\u00bc 127.0.0.1:{port}/v1",
+            ),
+            ("http://\u00ff@127.0.0.1:{port}/v1", None),  # not UTF-8
+        ],
+        ids=["port", "bracket", "port range", "fullwidth /", "fullwidth #", "fullwidth @", "\\xff"],
     )
-    def test_a_redirect_to_an_address_that_is_not_a_url(self, cli, server, location):
+    def test_a_redirect_to_an_address_that_is_not_a_url(self, cli, server, location, shown):
+        location = location.format(port=server.port)
         server.reply(http_response(302, b"", "text/plain", f"Location: {location}\r\n"))
         done = cli("--base-url", server.url, "q")
         assert (done.code, done.out) == (1, "")
         assert done.err == (
             "error: the server redirected the request to an address that is not a URL: "
-            f"{location}\n"
+            f"{(shown or location).format(port=server.port)}\n"
         )
         assert len(server.requests) == 1
 
