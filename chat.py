@@ -434,6 +434,11 @@ class Env:
 
     @classmethod
     def of_process(cls) -> Env:
+        for fd in range(3):  # a parent may leave a pipe non-blocking: a read comes back empty
+            try:
+                os.set_blocking(fd, True)
+            except (AttributeError, OSError):  # closed, or Windows before Python 3.12
+                pass
         ttys = tuple(
             stream is not None and stream.isatty() for stream in (sys.stdin, sys.stdout, sys.stderr)
         )
@@ -1932,11 +1937,10 @@ def stream_reply(response, server: Server, output: Output, trace: Trace | None) 
             # One flush per network read, not per delta: the text that has arrived is
             # on screen before the next wait, with a fraction of the write calls.
             output.flush()
-            if decoder.unknown:
-                for field, value in decoder.unknown:
-                    if field == "error":  # llama-box, GPUStack: `error: {...}` outside SSE's
-                        read_stream_event(field, value, reply)
-                decoder.unknown.clear()
+            for field, value in decoder.unknown:
+                if field == "error":  # llama-box, GPUStack: `error: {...}` outside SSE's
+                    read_stream_event(field, value, reply)
+            decoder.unknown.clear()
             if reply.done:
                 break
             if reply.size > MAX_REPLY:
@@ -3006,11 +3010,11 @@ def main(argv: list[str] | None = None, env: Env | None = None) -> int:
                     )
                 )
             )
-        elif isinstance(exc, ChatError):
-            env.error(exc)
         else:
             env.error(
-                ChatError(
+                exc
+                if isinstance(exc, ChatError)
+                else ChatError(
                     f"unexpected {type(exc).__name__}: {exc}",
                     hint="(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)",
                 )

@@ -819,6 +819,58 @@ class TestClosedStdout:
         assert (done.stdout, done.stderr) == (b"word0 xxxxxx status=0\n", b"")
 
 
+@pytest.mark.skipif(not hasattr(os, "set_blocking"), reason="no os.set_blocking here")
+class TestNonBlockingStreams:
+    """A parent may leave a pipe O_NONBLOCK (as Node.js leaves its terminal): a read then comes
+    back empty-handed and a write short, and chat.py waits as on any other pipe."""
+
+    def test_piped_text_that_comes_late(self, cli, server):
+        server.reply(json_response(completion()))
+        read_end, write_end = os.pipe()
+        os.set_blocking(read_end, False)
+        process = subprocess.Popen(
+            [sys.executable, str(CHAT), "--base-url", server.url, "Summarize"],
+            stdin=read_end,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli.environ(FAKE_KEY, {}),
+            cwd=cli.folder,
+        )
+        os.close(read_end)
+        wait_until_reading_stdin(process.pid)
+        os.write(write_end, b"the late text")
+        os.close(write_end)
+        out, err = process.communicate(timeout=30)
+        assert (process.returncode, out, err) == (0, b"Hello!\n", b"")
+        [body] = server.bodies
+        assert body["messages"][-1]["content"] == "Summarize\n\nthe late text"
+
+    @pytest.mark.parametrize("args", [[], ["--stream"]], ids=["whole", "streamed"])
+    def test_a_reply_longer_than_the_pipe_holds(self, cli, server, args):
+        words = [f"word{n} " + "x" * 1000 for n in range(200)]
+        if args:
+            server.reply(sse_response(stream_events(*words)))
+        else:
+            server.reply(json_response(completion("".join(words))))
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        process = subprocess.Popen(
+            [sys.executable, str(CHAT), "--base-url", server.url, *args, "q"],
+            stdin=subprocess.DEVNULL,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=cli.environ(FAKE_KEY, {}),
+            cwd=cli.folder,
+        )
+        os.close(write_end)
+        nap(1)  # the pipe fills while nobody reads it
+        with open(read_end, "rb") as reader:
+            out = reader.read()
+        err = process.stderr.read()
+        assert (process.wait(30), out, err) == (0, "".join(words).encode() + b"\n", b"")
+        process.stderr.close()
+
+
 class TestEndToEnd:
     """The exit code and stderr of a real process, whose retry waits are really slept."""
 

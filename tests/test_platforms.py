@@ -34,8 +34,8 @@ from conftest import (
 
 import chat
 
-# What native Windows CPython's os lacks (fchmod until 3.13), and what chat.py or the libraries
-# it loads could reach for.
+# What native Windows CPython's os lacks (fchmod until 3.13, set_blocking until 3.12), and what
+# chat.py or the libraries it loads could reach for.
 POSIX_ONLY = (
     "O_NOFOLLOW",
     "O_NONBLOCK",
@@ -54,6 +54,7 @@ POSIX_ONLY = (
     "uname",
     "sysconf",
     "statvfs",
+    "set_blocking",
 )
 TERMINAL = (True, True, True)
 CHOWN = os.chown  # taken before `windows` takes it away
