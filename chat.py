@@ -278,8 +278,12 @@ class ChatError(Exception):
 
 
 class TooSlow(BaseException):
-    """send()'s alarm: not an Exception, which a library could swallow (http.cookiejar catches
+    """within()'s alarm: not an Exception, which a library could swallow (http.cookiejar catches
     every Exception while it parses cookies, and goes on)."""
+
+
+def raise_too_slow(*_) -> None:
+    raise TooSlow
 
 
 class UsageError(ChatError):
@@ -710,9 +714,8 @@ def file_block(path: str, text: str) -> str:
 
 def build_user_message(question: str, parts: list[dict]) -> dict:
     """The user message: plain text, or a text part followed by the attachments' parts."""
-    if not parts:
-        return {"role": "user", "content": question}
-    return {"role": "user", "content": [{"type": "text", "text": question}, *parts]}
+    content = [{"type": "text", "text": question}, *parts] if parts else question
+    return {"role": "user", "content": content}
 
 
 def build_messages(turns: list[dict], user_message: dict, system: str | None) -> list[dict]:
@@ -1184,14 +1187,8 @@ def innermost(exc: BaseException) -> BaseException:
     seen = set()
     while id(exc) not in seen and not isinstance(exc, http.client.HTTPException):
         seen.add(id(exc))
-        inner = getattr(exc, "reason", None)
-        if (
-            not isinstance(inner, BaseException)
-            and exc.args
-            and isinstance(exc.args[0], BaseException)
-        ):
-            inner = exc.args[0]
-        inner = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
+        wrapped = (getattr(exc, "reason", None), *exc.args[:1], exc.__cause__, exc.__context__)
+        inner = next((each for each in wrapped if isinstance(each, BaseException)), None)
         if inner is None:
             break
         exc = inner
@@ -1262,19 +1259,40 @@ def chat_error(exc: Exception, server: Server) -> ChatError:
     return NetworkError(f"request to {host} failed{said}")
 
 
+def within(seconds: float, call, *args, **kwargs):
+    """call(*args, **kwargs), made to raise TooSlow after seconds where there is an alarm (not on
+    Windows; send() sets its handler): each socket read may wait the timeout, not their sum."""
+    if not hasattr(signal, "setitimer"):
+        return call(*args, **kwargs)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:  # an alarm that went off already has raised in the line above: nothing to disarm
+        return call(*args, **kwargs)
+    finally:  # before the caller's handlers, so that the alarm cannot go off in them
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def iter_body(response, server: Server):
     """The body's bytes as they arrive, decompressed, READ_SIZE at most at a time (urllib3 read
-    directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked,
-    and a chunked body's reader for the whole of each chunk, which a server may trickle)."""
+    directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked),
+    a chunked one a chunk at a time (read1 would hand over parts of chunks too, at three times
+    the cost). A chunk trickled byte by byte, or compressed bytes that decode to nothing, would
+    keep a read going for ever: the alarm ends each at twice the timeout."""
     import urllib3
 
     raw = response.raw
-    try:
-        if hasattr(raw, "read1"):  # urllib3 2.3+
-            while chunk := raw.read1(READ_SIZE, decode_content=True):
-                yield chunk
-        else:  # older urllib3: waits for READ_SIZE bytes, a whole chunk or the end of the body
-            yield from raw.stream(READ_SIZE, decode_content=True)
+    reads = (  # urllib3 before 2.3 has no read1: its stream() waits for READ_SIZE bytes
+        raw.stream(READ_SIZE, decode_content=True)
+        if raw.chunked or not hasattr(raw, "read1")
+        else iter(lambda: raw.read1(READ_SIZE, decode_content=True), b"")
+    )
+    try:  # twice: a read that waits in silence is the read timeout's to end, and to tell
+        while chunk := within(2 * server.timeout, next, reads, b""):
+            yield chunk
+    except TooSlow:
+        raise TimedOut(
+            f"{server.host} sent a part of its reply too slowly: not whole after "
+            f"{2 * server.timeout:g} s (--timeout)"
+        ) from None
     except urllib3.exceptions.HTTPError as exc:
         raise chat_error(exc, server) from None
 
@@ -1430,32 +1448,26 @@ def send(session, server: Server, path: str, body: dict | None, trace: Trace | N
     headers, an alarm bounds them all where there is one (not on Windows)."""
     import requests
 
-    deadline = min(CONNECT_TIMEOUT, server.timeout) + server.timeout
-
-    def too_slow(*_) -> None:
-        raise TooSlow
-
-    try:  # armed inside: a deadline of a microsecond goes off in setitimer itself
-        if hasattr(signal, "setitimer"):
-            signal.signal(signal.SIGALRM, too_slow)
-            signal.setitimer(signal.ITIMER_REAL, deadline)
-        try:
-            response = session.request(
-                "GET" if body is None else "POST",
-                api_url(server.base_url, path),
-                json=body,
-                headers={"User-Agent": USER_AGENT},
-                # without a key, a user and password in the base URL go as Basic auth, as in curl
-                auth=None
-                if not server.key and urlsplit(server.base_url).username
-                else bearer_auth(server.key),
-                timeout=(min(CONNECT_TIMEOUT, server.timeout), server.timeout),
-                stream=True,  # return at the headers; the caller reads the body
-                hooks={"response": refuse_other_origins},
-            )
-        finally:  # before the handlers below, so that the alarm cannot go off in them
-            if hasattr(signal, "setitimer"):
-                signal.setitimer(signal.ITIMER_REAL, 0)
+    if hasattr(signal, "SIGALRM"):  # within()'s alarm, for the body's reads too
+        signal.signal(signal.SIGALRM, raise_too_slow)
+    connect_timeout = min(CONNECT_TIMEOUT, server.timeout)
+    deadline = connect_timeout + server.timeout
+    try:
+        response = within(
+            deadline,
+            session.request,
+            "GET" if body is None else "POST",
+            api_url(server.base_url, path),
+            json=body,
+            headers={"User-Agent": USER_AGENT},
+            # without a key, a user and password in the base URL go as Basic auth, as in curl
+            auth=None
+            if not server.key and urlsplit(server.base_url).username
+            else bearer_auth(server.key),
+            timeout=(connect_timeout, server.timeout),
+            stream=True,  # return at the headers; the caller reads the body
+            hooks={"response": refuse_other_origins},
+        )
     except TooSlow:
         raise TimedOut(
             f"{server.host} sent its status line and headers too slowly: not whole after "
@@ -1528,7 +1540,7 @@ def refusal_hint(message: str, body: dict) -> str:
         for entry in body["messages"]
         if isinstance(entry.get("content"), list)
         for part in entry["content"]
-        if isinstance(part, dict)
+        if isinstance(part, dict) and isinstance(part.get("type"), str)
     }
     kinds = [kind for kind, row in PART_KINDS.items() if row.refused and kind in sent]
     named = [kind for kind in kinds if re.search(PART_KINDS[kind].refused, message, re.I)]
@@ -1662,9 +1674,9 @@ def tool_call_lines(calls: dict[int, dict]) -> str:
     lines = []
     for _, call in sorted(calls.items()):
         as_sent = {"name": call["name"], "arguments": "".join(call["pieces"])}
-        try:  # as text when they are no JSON, or nest too deep to be written again
+        try:  # as text when they are no JSON (NaN is not), or nest too deep to be written again
             parsed = {**as_sent, "arguments": json.loads(as_sent["arguments"])}
-            lines.append(json.dumps(parsed, ensure_ascii=False) + "\n")
+            lines.append(json.dumps(parsed, ensure_ascii=False, allow_nan=False) + "\n")
         except (ValueError, RecursionError):
             lines.append(json.dumps(as_sent, ensure_ascii=False) + "\n")
     return "".join(lines)
@@ -1831,7 +1843,10 @@ def read_stream_event(event: str, data: str, reply: Reply) -> tuple[str, str]:
             continue
         index = choice.get("index", 0)
         if index != 0:  # -o n 3: only the first answer is shown
-            reply.choices = max(reply.choices, index + 1 if isinstance(index, int) else 2)
+            # an index past any real -o n (or no number) counts as one more choice
+            reply.choices = max(
+                reply.choices, index + 1 if isinstance(index, int) and index < 10**6 else 2
+            )
             continue
         if choice.get("finish_reason"):
             reply.finish_reason = choice["finish_reason"]
@@ -2381,7 +2396,10 @@ def readable(turn: dict) -> str:
     parts = [
         part
         for part in (content if isinstance(content, list) else [])
-        if isinstance(part, dict) and part.get("type") in PART_KINDS and part["type"] != "text"
+        if isinstance(part, dict)
+        and isinstance(part.get("type"), str)
+        and part["type"] in PART_KINDS
+        and part["type"] != "text"
     ]
     names = turn.get("attachments") or turn.get("images")  # "images": saved before v4
     if not (isinstance(names, list) and len(names) == len(parts)):

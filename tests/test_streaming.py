@@ -371,6 +371,22 @@ class TestOneAnswer:
         assert server.bodies[0]["n"] == 3
         assert only_turn()["assistant"] == "Zero zero"
 
+    @pytest.mark.parametrize(
+        "index", [10**6, int("9" * 4300), "1", 1.5], ids=["1e6", "4300 digits", "text", "float"]
+    )
+    def test_an_index_no_n_could_give_counts_as_one_more_choice(self, cli, server, index):
+        # 4,300 digits, one more than Python will write as text: the count was exit 70
+        server.reply(
+            sse_response(
+                raw_event({"index": index, "delta": {"content": "x"}}),
+                chunk("hi", finish_reason="stop"),
+                DONE,
+            )
+        )
+        done = cli("--base-url", server.url, "--stream", "q")
+        warning = "warning: the server sent 2 choices (-o n); only the first is shown, 1 dropped\n"
+        assert (done.code, done.out, done.err) == (0, "hi\n", warning)
+
     def test_a_whole_reply_of_three_choices_shows_the_first(self, cli, server):
         body = completion("zero")
         body["choices"] += [
