@@ -1018,6 +1018,13 @@ def tool_call(index: int | None, name: str = "f", arguments: str = "{}", **more)
     return call if index is None else {"index": index, **call}
 
 
+def one_tool_call(call: dict, stream: bool) -> bytes:
+    """A reply of that one tool call, whole or streamed."""
+    if stream:
+        return sse_response(chunk(tool_calls=[call]), chunk(finish_reason="tool_calls"))
+    return json_response(completion(None, "tool_calls", tool_calls=[call]))
+
+
 class TestToolCallsAreBounded:
     TOO_MANY = "error: the reply holds more than 1,000 tool calls; chat.py reads no further\n"
 
@@ -1042,12 +1049,7 @@ class TestToolCallsAreBounded:
         deepest = next(depth for depth in itertools.count(1) if not parses("[" * depth)) - 1
         for depth in range(deepest - 60, deepest + 1):
             arguments = "[" * depth + "]" * depth
-            call = tool_call(0, "f", arguments)
-            if stream:
-                reply = sse_response(chunk(tool_calls=[call]), chunk(finish_reason="tool_calls"))
-            else:
-                reply = json_response(completion(None, "tool_calls", tool_calls=[call]))
-            server.reply(reply)
+            server.reply(one_tool_call(tool_call(0, "f", arguments), stream))
             done = cli(
                 "--base-url", server.url, "--no-save", *(["--stream"] if stream else []), "q"
             )
@@ -1058,12 +1060,7 @@ class TestToolCallsAreBounded:
     @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
     @pytest.mark.parametrize("arguments", ["NaN", '{"x": -Infinity}'])
     def test_arguments_that_json_cannot_write_go_as_text(self, cli, server, stream, arguments):
-        call = tool_call(0, "f", arguments)
-        if stream:
-            reply = sse_response(chunk(tool_calls=[call]), chunk(finish_reason="tool_calls"))
-        else:
-            reply = json_response(completion(None, "tool_calls", tool_calls=[call]))
-        server.reply(reply)
+        server.reply(one_tool_call(tool_call(0, "f", arguments), stream))
         done = cli("--base-url", server.url, *(["--stream"] if stream else []), "q")
         assert (done.code, done.err) == (0, "")
         assert json.loads(done.out) == {"name": "f", "arguments": arguments}  # one JSON line
