@@ -1264,8 +1264,8 @@ def within(seconds: float, call, *args, **kwargs):
     Windows; send() sets its handler): each socket read may wait the timeout, not their sum."""
     if not hasattr(signal, "setitimer"):
         return call(*args, **kwargs)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:  # an alarm that went off already has raised in the line above: nothing to disarm
+    try:  # armed inside: a Ctrl-C as it is set must not leave it armed
+        signal.setitimer(signal.ITIMER_REAL, seconds)
         return call(*args, **kwargs)
     finally:  # before the caller's handlers, so that the alarm cannot go off in them
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -1274,15 +1274,16 @@ def within(seconds: float, call, *args, **kwargs):
 def iter_body(response, server: Server):
     """The body's bytes as they arrive, decompressed, READ_SIZE at most at a time (urllib3 read
     directly: iter_content(chunk_size=None) waits for the whole of a body that is not chunked),
-    a chunked one a chunk at a time (read1 would hand over parts of chunks too, at three times
-    the cost). A chunk trickled byte by byte, or compressed bytes that decode to nothing, would
-    keep a read going for ever: the alarm ends each at twice the timeout."""
+    a chunked one a chunk at a time where there is an alarm (read1 hands over parts of chunks
+    too, at three times the cost). A chunk trickled byte by byte, or compressed bytes that
+    decode to nothing, would keep a read going for ever: the alarm ends each at twice the
+    timeout."""
     import urllib3
 
     raw = response.raw
     reads = (  # urllib3 before 2.3 has no read1: its stream() waits for READ_SIZE bytes
         raw.stream(READ_SIZE, decode_content=True)
-        if raw.chunked or not hasattr(raw, "read1")
+        if not hasattr(raw, "read1") or (raw.chunked and hasattr(signal, "setitimer"))
         else iter(lambda: raw.read1(READ_SIZE, decode_content=True), b"")
     )
     try:  # twice: a read that waits in silence is the read timeout's to end, and to tell

@@ -209,6 +209,34 @@ class TestMainFlowsOnWindows:
 
 
 class TestWhatWindowsCannotTell:
+    @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+    def test_a_chunk_trickled_byte_by_byte_is_timed_without_an_alarm(self, windows, server, stream):
+        # no alarm to end a chunk's read: each part of it is handed over, and the clock runs
+        kind = "text/event-stream" if stream else "application/json"
+        head = (
+            f"HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nTransfer-Encoding: chunked\r\n"
+            "Connection: close\r\n\r\nffff\r\n"
+        ).encode()
+
+        def trickle(conn, request):
+            conn.sendall(head)
+            for _ in range(40):
+                nap(0.1)
+                conn.sendall(b" ")
+
+        server.reply(trickle)
+        done = windows.run("--base-url", server.url, "--timeout", "1", "q")
+        said = (
+            "sent no data for 1 s, only keep-alives"
+            if stream
+            else ("sent its reply too slowly: not whole after 1 s")
+        )
+        assert (done.code, done.out, done.err) == (
+            4,
+            "",
+            f"error: 127.0.0.1:{server.port} {said} (--timeout)\n",
+        )
+
     def test_files_are_still_created_private(self, windows, server):
         assert windows.run("--base-url", server.url, "--chat", "mine", "q").code == 0
         assert stat.S_IMODE(windows.state.stat().st_mode) == 0o700

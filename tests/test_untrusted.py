@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -1176,6 +1177,24 @@ class TestTimeoutMeansProgress:
         assert done.err == f"error: 127.0.0.1:{server.port} {said}\n"
         assert time.monotonic() - started < 9
         assert saved() == {}
+
+    @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="no alarm here")
+    def test_a_ctrl_c_as_the_alarm_is_set_leaves_it_disarmed(self, monkeypatch):
+        # else, in conversation mode, it went off later at the prompt: a TooSlow traceback
+        arm = signal.setitimer
+
+        def arm_then_interrupt(which, seconds):
+            arm(which, seconds)
+            if seconds:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(signal, "setitimer", arm_then_interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                chat.within(60, print)
+            assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        finally:
+            arm(signal.ITIMER_REAL, 0)
 
     def test_an_alarm_that_goes_off_at_once_is_a_timeout(self, cli, server):
         # at 2 microseconds the alarm may go off while it is being set, or while connecting
