@@ -72,7 +72,7 @@ LARGE_QUESTION = 1_000_000  # characters; a larger one gets a note of its size i
 # Those named here get a warning. The user's own settings file may set more.
 DOTENV_NAMES = ("OPENAI_API_KEY", "OPENAI_MODEL")
 IGNORED_IN_DOTENV = re.compile(
-    r"OPENAI_BASE_URL|CHAT_PY_\w+|XDG_\w+|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.I
+    r"OPENAI_BASE_URL|CHAT_PY_\w+|XDG_\w+|\w*_PROXY|\w*_CA_BUNDLE|SSL_CERT_\w+", re.IGNORECASE
 )
 SETTINGS_NAMES = (
     "OPENAI_API_KEY",
@@ -89,7 +89,7 @@ BASE_URL = re.compile(
     r"https?://(?:[\w.~!$&'()*+,;=:%-]*@)?"
     r"(?P<host>[a-z0-9_-]{1,63}(?:\.[a-z0-9_-]{1,63})*|\[(?P<ipv6>[0-9a-f:.]+)\])"
     r"(?::(?P<port>[0-9]{1,5}))?(?:[/?#][!-\[\]-~]*)?",
-    re.I | re.A,
+    re.IGNORECASE | re.ASCII,
 )
 
 # The pixels of a local image worth uploading: "low" is seen as one 512x512 thumbnail; "high"
@@ -149,7 +149,7 @@ PART_KINDS = {
 }
 # A server saying it cannot take some content part (llama-server: "unsupported content[].type").
 PART_REFUSED = re.compile(
-    r"unsupported content|content\[\]|invalid content|content.{0,40}not supported", re.I
+    r"unsupported content|content\[\]|invalid content|content.{0,40}not supported", re.IGNORECASE
 )
 
 # --schema's short form: "name, age int, bio: one sentence"
@@ -168,9 +168,11 @@ FORMAT_REJECTED = re.compile(r"response_format|json_schema")  # a server refusin
 # A chat template refusing the system role: Gemma's raise_exception('System role not supported'),
 # Mistral's 'Only user and assistant roles are supported!'
 SYSTEM_REFUSED = re.compile(
-    r"system role (is )?not supported|only user and assistant roles are supported", re.I
+    r"system role (is )?not supported|only user and assistant roles are supported", re.IGNORECASE
 )
-TOOLS_WITH_REASONING = re.compile(r"function tools with reasoning_effort are not supported", re.I)
+TOOLS_WITH_REASONING = re.compile(
+    r"function tools with reasoning_effort are not supported", re.IGNORECASE
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 TURN_TEXTS = ("time", "model", "system", "answered_by")  # fields of a saved turn that are text
@@ -203,15 +205,15 @@ TAG_CHARS = re.compile(r"[\U000e0000-\U000e007f]")  # invisible ASCII, each, tha
 CONTEXT_OVERFLOW = re.compile(
     r"context_length_exceeded|context (length|window)|exceeds the available context size|"
     r"context size has been exceeded|total length of all messages",
-    re.I,
+    re.IGNORECASE,
 )
-COMPLETION_BUDGET = re.compile(r"in the completion|max_(completion_|new_)?tokens", re.I)
+COMPLETION_BUDGET = re.compile(r"in the completion|max_(completion_|new_)?tokens", re.IGNORECASE)
 # An error that says the request itself can never work, whatever its status (llama.cpp answers
 # "image input is not supported" and "tools param requires --jinja flag" with a 500).
 REQUEST_CANNOT_WORK = re.compile(
     # --\w+(?:-\w+)*, not --\w[\w-]*: on "--a--a--a..." that one backtracks in quadratic time
     r"invalid_request_error|not_supported_error|is not supported|requires --\w|--\w+(?:-\w+)* flag",
-    re.I,
+    re.IGNORECASE,
 )
 # Reasoning in every shape a reply carries it: these fields of a message or a stream delta (the
 # first one present counts: OpenRouter sends the same thoughts in two), and the parts of
@@ -659,7 +661,7 @@ def build_question(words: list[str], piped: str | None, files: list[str] = ()) -
 def open_input(path: str):
     """A file to read, binary; only a regular file: a FIFO (opened without waiting), a device or
     a folder is an OSError, at once."""
-    file = open(os.open(path, nonblocking(os.O_RDONLY)), "rb")
+    file = open(os.open(path, nonblocking(os.O_RDONLY)), "rb")  # noqa: SIM115 (the caller's)
     if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
         file.close()
         raise OSError(0, "not a regular file")
@@ -994,7 +996,7 @@ def encode_image_file(path: str, detail: str | None, env: Env) -> tuple[str, str
             f"image {path} is too large (over {Image.MAX_IMAGE_PIXELS:,} pixels, or "
             f"{MAX_DECODED // 2**20} MiB decoded)"
         ) from None
-    except Exception as exc:  # Pillow's decoders raise many types on damaged files
+    except Exception as exc:  # noqa: BLE001 (Pillow's decoders raise many types on damaged files)
         raise UsageError(f"cannot decode image {path}: {exc}") from None
     for warning in caught:
         env.warn(f"image {path}: {warning.message}")
@@ -1030,7 +1032,9 @@ def read_attachment(
     except OSError as exc:
         raise UsageError(f"cannot read file {source}: {exc.strerror or exc}") from None
     start = data[:TEXT_SNIFF_BYTES]
-    kind = next((kind for kind, row in PART_KINDS.items() if re.match(row.magic, start, re.S)), "")
+    kind = next(
+        (kind for kind, row in PART_KINDS.items() if re.match(row.magic, start, re.DOTALL)), ""
+    )
     if not kind:
         sendable = [
             f"{row.noun} ({row.formats})" if row.formats else row.noun
@@ -1327,9 +1331,14 @@ def text_snippet(data: bytes | str) -> str:
     """The start of a body that is not the JSON expected, without HTML markup."""
     text = data[: 64 * 1024]
     text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
-    title = re.search(r"<title[^>]*>([^<]*)</title>", text, re.I)  # linear: no .*? to the end
+    title = re.search(
+        r"<title[^>]*>([^<]*)</title>", text, re.IGNORECASE
+    )  # linear: no .*? to the end
     text = re.sub(
-        r"<(script|style)\b.*?</\1>|<[^>]*>", " ", title[1] if title else text, flags=re.I | re.S
+        r"<(script|style)\b.*?</\1>|<[^>]*>",
+        " ",
+        title[1] if title else text,
+        flags=re.IGNORECASE | re.DOTALL,
     )
     return " ".join(text.split())
 
@@ -1544,7 +1553,7 @@ def refusal_hint(message: str, body: dict) -> str:
         if isinstance(part, dict) and isinstance(part.get("type"), str)
     }
     kinds = [kind for kind, row in PART_KINDS.items() if row.refused and kind in sent]
-    named = [kind for kind in kinds if re.search(PART_KINDS[kind].refused, message, re.I)]
+    named = [kind for kind in kinds if re.search(PART_KINDS[kind].refused, message, re.IGNORECASE)]
     named = named or (kinds if PART_REFUSED.search(message) else [])
     return (
         f"(this server may not take {' or '.join(PART_KINDS[kind].noun for kind in named)})"
@@ -2443,7 +2452,8 @@ def show_conversation(path: str, env: Env) -> None:
             )
         when = turn.get("time", "")
         try:
-            when = datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone()
+            # Python 3.10's fromisoformat takes no "Z"
+            when = datetime.fromisoformat(when.replace("Z", "+00:00")).astimezone()  # noqa: FURB162
             when = when.strftime("%Y-%m-%d %H:%M")
         except (ValueError, OverflowError):  # not a date, or one the local clock cannot show
             pass
@@ -2623,7 +2633,8 @@ def read_env_lines(
     import io
     import logging
 
-    from dotenv import dotenv_values  # about 15 ms to import; only paid when there is a file
+    # about 15 ms to import; only paid when there is a file
+    from dotenv import dotenv_values
 
     def warn_instead(record: logging.LogRecord) -> bool:
         env.warn(f"{label}: " + record.getMessage().removeprefix("python-dotenv ") + " (skipped)")
@@ -2850,14 +2861,18 @@ def ask(chat: Chat, user_message: dict, attached: list[str] = (), retry: bool = 
                 (
                     SYSTEM_REFUSED,
                     system_in_user,
-                    "the server refuses the system role; sending the system prompt at the start "
-                    "of the first user message",
+                    (
+                        "the server refuses the system role; sending the system prompt at "
+                        "the start of the first user message"
+                    ),
                 ),
                 (
                     FORMAT_REJECTED,
                     lambda body: json_object_fallback(body, settings.schema),
-                    "the server rejects this response_format; sending it as "
-                    '{"type": "json_object", "schema": ...}',
+                    (
+                        "the server rejects this response_format; sending it as "
+                        '{"type": "json_object", "schema": ...}'
+                    ),
                 ),
             ],
         )
@@ -3292,7 +3307,7 @@ def converse(chat: Chat, attached: list[tuple], detail: str | None) -> int:
     if editing is not None and not env.stdout_tty:
         # input() edits only when fd 1 is a terminal: fd 1 becomes stderr's for the whole
         # conversation, and the replies go to a copy of the redirected stdout.
-        env.stdout = open(os.dup(1), "w", encoding="utf-8", errors="replace")
+        env.stdout = open(os.dup(1), "w", encoding="utf-8", errors="replace")  # noqa: SIM115
         os.dup2(2, 1)
     env.say(banner(chat))
     talk = Talk(chat, attached, detail, sys.stdout if editing else None)

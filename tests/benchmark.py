@@ -340,6 +340,7 @@ def instructions(args: list[str]) -> int:
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         env=ENV,
+        check=False,
     )
     return int(re.search(rb"Collected : (\d+)", done.stderr).group(1))
 
@@ -423,6 +424,7 @@ def run_suite() -> tuple[float, str]:
             capture_output=True,
             text=True,
             env={**ENV, "HOME": home, "CHAT_PY_HOME": str(Path(home) / "chats")},
+            check=False,
         )
         wall = time.perf_counter() - started
     summary = done.stdout.splitlines()[-1] if done.stdout else ""
@@ -597,7 +599,7 @@ def main() -> int:
     expected = "".join(emitter.deltas).encode() + b"\n"
 
     def cpu(args):
-        wall, cpu_seconds, _, out = run_measured(args)
+        _, cpu_seconds, _, out = run_measured(args)
         assert out == expected, "output differs from what was sent"
         return (cpu_seconds,)
 

@@ -10,6 +10,7 @@
 Every test runs with HOME and CHAT_PY_HOME in its own temporary folder, in that folder.
 """
 
+import importlib
 import io
 import json
 import os
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = ROOT / "chat.py"
 sys.path.insert(0, str(ROOT))
 
-import chat  # noqa: E402
+chat = importlib.import_module("chat")  # from the folder above, put first on the path
 
 FAKE_KEY = "sk-test-not-a-real-key-5f3a9c"
 # Variables of the developer's shell that would change what chat.py or requests do.
@@ -275,7 +276,7 @@ class Lines:
         if not self.items:
             raise EOFError
         item = self.items.pop(0)
-        if isinstance(item, BaseException) or isinstance(item, type):
+        if isinstance(item, (BaseException, type)):
             raise item
         return item
 
@@ -357,6 +358,7 @@ class Runner:
             env=self.environ(key, env),
             cwd=self.folder,
             timeout=timeout,
+            check=False,
         )
         return SimpleNamespace(
             code=done.returncode,

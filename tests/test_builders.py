@@ -237,8 +237,10 @@ def test_a_limit_spent_on_reasoning_counts_only_reported_tokens(usage):
     reply = chat.Reply()
     reply.finish_reason, reply.usage = "length", usage
     assert chat.reply_warnings(reply) == [
-        "the token limit went to reasoning before any answer: "
-        "raise --max-tokens or lower --reasoning-effort"
+        (
+            "the token limit went to reasoning before any answer: "
+            "raise --max-tokens or lower --reasoning-effort"
+        )
     ]
 
 

@@ -2,7 +2,13 @@
 errors and option errors. chat.main() runs in this process with its own surroundings."""
 
 import pytest
-from conftest import FAKE_KEY, completion, http_response, json_response, missing_key_error
+from conftest import (
+    FAKE_KEY,
+    completion,
+    http_response,
+    json_response,
+    missing_key_error,
+)
 
 import chat
 
@@ -129,8 +135,10 @@ class TestKey:
         done = cli("--base-url", server.url, "-v", "hi", key=key)
         assert (done.code, done.err) == (
             2,
-            "error: OPENAI_API_KEY holds spaces, quotes, backslashes, control or non-ASCII "
-            "characters; check its value\n",
+            (
+                "error: OPENAI_API_KEY holds spaces, quotes, backslashes, control or non-ASCII "
+                "characters; check its value\n"
+            ),
         )
         assert server.requests == []
 
@@ -324,8 +332,10 @@ class TestOptions:
             (("--bogus",), "unrecognized arguments: --bogus (see --help)"),
             (
                 ("--detail", "huge"),
-                "argument --detail: invalid choice: 'huge' (choose from 'low', "
-                "'high', 'original', 'auto') (see --help)",
+                (
+                    "argument --detail: invalid choice: 'huge' (choose from 'low', "
+                    "'high', 'original', 'auto') (see --help)"
+                ),
             ),
             (
                 ("--max-tokens", "0"),
@@ -351,13 +361,17 @@ class TestOptions:
             (("--temperature", "nan"), "--temperature must be a number, not 'nan' (see --help)"),
             (
                 ("--base-url", "ftp://example.com"),
-                "--base-url must be a plain http:// or https:// URL with a valid host and port, "
-                "not 'ftp://example.com'",
+                (
+                    "--base-url must be a plain http:// or https:// URL with a valid host and "
+                    "port, not 'ftp://example.com'"
+                ),
             ),
             (
                 ("--base-url", "localhost:8080/v1"),
-                "--base-url must be a plain http:// or https:// URL with a valid host and port, "
-                "not 'localhost:8080/v1'",
+                (
+                    "--base-url must be a plain http:// or https:// URL with a valid host and "
+                    "port, not 'localhost:8080/v1'"
+                ),
             ),
             (("-m", ""), "-m/--model needs a model name"),
         ],
@@ -403,8 +417,10 @@ class TestOptions:
         done = cli("--base-url", server.url, "q", raise_bugs=False)
         assert (done.code, done.err) == (
             70,
-            "error: unexpected ZeroDivisionError: division by zero "
-            "(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)\n",
+            (
+                "error: unexpected ZeroDivisionError: division by zero "
+                "(a bug in chat.py; CHAT_PY_TRACEBACK=1 shows where)\n"
+            ),
         )
 
     def test_an_unparsable_dotenv_line_is_a_warning_naming_it(self, cli, server, tmp_path):

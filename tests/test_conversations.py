@@ -525,6 +525,7 @@ class TestNothingLost:
             text=True,
             timeout=30,
             stdin=subprocess.DEVNULL,
+            check=False,
         )
         assert (done.returncode, done.stdout) == (0, "answer\n")
         assert done.stderr.startswith(
@@ -601,8 +602,10 @@ class TestManaging:
         done = cli("--show")
         assert (done.code, TIME.sub("TIME", done.out), done.err) == (
             0,
-            "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n"
-            "\nassistant (test-model):\n  b1\n",
+            (
+                "conversation beta: 1 turn\n\nyou, TIME:\n  Beta question\n"
+                "\nassistant (test-model):\n  b1\n"
+            ),
             "",
         )
 
@@ -914,6 +917,7 @@ def test_commands_that_need_no_network_never_import_requests(cli):
         cwd=cli.folder,
         stdin=subprocess.DEVNULL,
         timeout=30,
+        check=False,
     )
     assert done.stderr == ""
     assert [json.loads(line) for line in done.stdout.splitlines()] == [

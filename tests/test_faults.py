@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 from conftest import (
@@ -130,9 +131,11 @@ class TestRetries:
         done = cli("--base-url", server.url, "q")
         assert (done.code, done.err) == (
             1,
-            "error: HTTP 429 Too Many Requests: You exceeded your current "
-            "quota. (the account is out of quota: add credit, retrying "
-            "will not help)\n",
+            (
+                "error: HTTP 429 Too Many Requests: You exceeded your current "
+                "quota. (the account is out of quota: add credit, retrying "
+                "will not help)\n"
+            ),
         )
         assert len(server.requests) == 1 and cli.waits == []
 
@@ -235,8 +238,10 @@ class TestRetries:
         done = cli("--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "1", "q")
         assert (done.code, done.out) == (3, "")
         assert done.err.splitlines() == [
-            f"warning: cannot reach 127.0.0.1:{port}: Connection refused; retrying in "
-            f"{cli.waits[0]:.1f} s (2 of 2)",
+            (
+                f"warning: cannot reach 127.0.0.1:{port}: Connection refused; retrying in "
+                f"{cli.waits[0]:.1f} s (2 of 2)"
+            ),
             f"error: cannot reach 127.0.0.1:{port}: Connection refused",
         ]
 
@@ -335,8 +340,10 @@ class TestTimeouts:
                 "no answer",
                 ["--reasoning-effort", "high"],
                 "",
-                "did not answer within 0.3 s (--timeout) (a long think may need --stream or a "
-                "larger --timeout)",
+                (
+                    "did not answer within 0.3 s (--timeout) (a long think may need --stream or a "
+                    "larger --timeout)"
+                ),
             ),
         ],
         ids=[
@@ -383,8 +390,10 @@ class TestTimeouts:
         assert time.monotonic() - started < 3
         assert (done.code, done.out) == (4, "")
         assert done.err.splitlines() == [
-            f"warning: could not connect to 127.0.0.1:{port} within 0.15 s; retrying in "
-            f"{cli.waits[0]:.1f} s (2 of 2)",
+            (
+                f"warning: could not connect to 127.0.0.1:{port} within 0.15 s; retrying in "
+                f"{cli.waits[0]:.1f} s (2 of 2)"
+            ),
             f"error: could not connect to 127.0.0.1:{port} within 0.15 s",
         ]
 
@@ -422,8 +431,11 @@ class TestBrokenServers:
             (["--stream"], SSE_HEAD + chunk_of(chunk("so far")) + b'40\r\ndata: {"cho', "so far\n"),
             (
                 [],
-                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
-                b'{"choices": [',
+                (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 500\r\n\r\n"
+                    b'{"choices": ['
+                ),
                 "",
             ),
         ],
@@ -469,13 +481,13 @@ class TestContextOverflow:
     """A question the model's context cannot hold: the way out is a new conversation or fewer
     tokens to generate, not a retry."""
 
-    HINTS = {
+    HINTS: ClassVar[dict] = {
         3: "(this conversation's 3 turns and the question fill the model's context: start a new "
         "conversation (no -c))",
         0: "(the question alone fills the model's context: shorten the question)",
     }
     BUDGET = ", or set a smaller --max-tokens)"  # where the server names the completion's share
-    OVERFLOWS = {
+    OVERFLOWS: ClassVar[dict] = {
         "OpenAI": {
             "message": "This model's maximum context length is 8192 tokens. However, your messages "
             "resulted in 9000 tokens. Please reduce the length of the messages.",
@@ -560,8 +572,10 @@ class TestContextOverflow:
         done = cli("--base-url", server.url, "q")
         assert (done.code, done.err) == (
             1,
-            "error: HTTP 400 Bad Request: Unsupported value: 'temperature' "
-            "does not support 0.2 with this model.\n",
+            (
+                "error: HTTP 400 Bad Request: Unsupported value: 'temperature' "
+                "does not support 0.2 with this model.\n"
+            ),
         )
 
 
@@ -589,7 +603,7 @@ def echo_key_mid_stream(conn, request):
 class TestKeySafety:
     KEY = "sk-test-DISTINCTIVE-fake-key-7731"
 
-    CASES = {  # reply, arguments, exit code, stdout, the last stderr line
+    CASES: ClassVar[dict] = {  # reply, arguments, exit code, stdout, the last stderr line
         "echoed in an error": (
             echo_key,
             [],
@@ -815,6 +829,7 @@ class TestClosedStdout:
             env=cli.environ(FAKE_KEY, {}),
             cwd=cli.folder,
             timeout=30,
+            check=False,
         )
         assert (done.stdout, done.stderr) == (b"word0 xxxxxx status=0\n", b"")
 

@@ -35,8 +35,10 @@ def pdf_bytes(text: str = "Hello PDF") -> bytes:
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        (
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 100] /Contents 4 0 R "
+            b"/Resources << /Font << /F1 5 0 R >> >> >>"
+        ),
         b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
@@ -421,8 +423,10 @@ class TestARefusedPart:
                         "type": "invalid_request_error",
                     }
                 },
-                "HTTP 400 Bad Request: unsupported content[].type "
-                "(this server may not take PDF files)",
+                (
+                    "HTTP 400 Bad Request: unsupported content[].type "
+                    "(this server may not take PDF files)"
+                ),
             ),
             (
                 ["p.pdf", "w.wav"],
@@ -434,8 +438,10 @@ class TestARefusedPart:
                         "type": "invalid_request_error",
                     }
                 },
-                "HTTP 400 Bad Request: unsupported content[].type "
-                "(this server may not take PDF files or audio)",
+                (
+                    "HTTP 400 Bad Request: unsupported content[].type "
+                    "(this server may not take PDF files or audio)"
+                ),
             ),
             (
                 ["p.pdf", "w.wav"],
@@ -448,8 +454,11 @@ class TestARefusedPart:
                         "type": "server_error",
                     }
                 },
-                "HTTP 500 Internal Server Error: audio input is not supported - hint: if this is "
-                "unexpected, you may need to provide the mmproj (this server may not take audio)",
+                (
+                    "HTTP 500 Internal Server Error: audio input is not supported - hint: if "
+                    "this is unexpected, you may need to provide the mmproj (this server may "
+                    "not take audio)"
+                ),
             ),
         ],
     )
@@ -583,8 +592,10 @@ REPLAYS = Path(__file__).parent / "replays"
     [
         None,  # the replay's: gpt-5.6's wording
         # the earlier wording, for gpt-5.4, quoted in pipecat-ai/pipecat#4043's error log
-        "Function tools with reasoning_effort are not supported for gpt-5.4 in "
-        "/v1/chat/completions. Please use /v1/responses instead.",
+        (
+            "Function tools with reasoning_effort are not supported for gpt-5.4 in "
+            "/v1/chat/completions. Please use /v1/responses instead."
+        ),
     ],
 )
 def test_tools_with_reasoning_get_the_way_out(cli, server, message):
@@ -598,7 +609,9 @@ def test_tools_with_reasoning_get_the_way_out(cli, server, message):
     assert (done.code, done.out, done.err) == (
         1,
         "",
-        f"error: HTTP 400 Bad Request: {body['error']['message']} (for -o tools on "
-        "/chat/completions add --reasoning-effort none, or use the Responses API)\n",
+        (
+            f"error: HTTP 400 Bad Request: {body['error']['message']} (for -o tools on "
+            "/chat/completions add --reasoning-effort none, or use the Responses API)\n"
+        ),
     )
     assert len(server.requests) == 1

@@ -525,7 +525,7 @@ class TestUndo:
             ("assistant", "a: q1"),
             ("user", "q3"),
         ]
-        [(name, lines)] = saved().items()
+        [lines] = saved().values()
         assert [line.get("assistant") for line in lines] == ["a: q1", "a: q2", None, "a: q3"]
         assert lines[2] == {"undo": True}  # a marker line: files are never rewritten
 
@@ -752,9 +752,11 @@ class TestAttachCommands:
             ("/file .", "error: cannot read file .: Is a directory"),
             (
                 "/file tool.zip",
-                "error: cannot add tool.zip: it is not text (it holds NUL bytes) and not one of "
-                "the files chat.py can send: images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF files, "
-                "audio (WAV, MP3)",
+                (
+                    "error: cannot add tool.zip: it is not text (it holds NUL bytes) and not "
+                    "one of the files chat.py can send: images (PNG, JPEG, GIF, WebP, BMP, "
+                    "TIFF), PDF files, audio (WAV, MP3)"
+                ),
             ),
             (
                 "/image missing.png",

@@ -180,7 +180,7 @@ def ask_model(cli, server):
 
 
 def usage_counts(stderr: str) -> tuple[int, int]:
-    match = re.search(r"^usage: (\d+) in, (\d+) out", stderr, re.M)
+    match = re.search(r"^usage: (\d+) in, (\d+) out", stderr, re.MULTILINE)
     assert match, stderr
     return int(match[1]), int(match[2])
 
@@ -363,9 +363,11 @@ def test_a_document_or_a_recording_for_a_text_only_model(
     [
         ("name, age int", {"name": str, "age": int}),
         (
-            '{"type": "object", "properties": {"colour": '
-            '{"type": "string", "enum": ["red", "green", "blue"]}}, '
-            '"required": ["colour"], "additionalProperties": false}',
+            (
+                '{"type": "object", "properties": {"colour": '
+                '{"type": "string", "enum": ["red", "green", "blue"]}}, '
+                '"required": ["colour"], "additionalProperties": false}'
+            ),
             {"colour": str},
         ),
     ],

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 from conftest import (
@@ -64,7 +65,7 @@ class StillSpinner:
 
 
 class TestReasoning:
-    THINKING = [
+    THINKING: ClassVar[list] = [
         {"reasoning_content": "Let me "},
         {"reasoning_content": "think."},
         {"content": "The "},
@@ -152,7 +153,7 @@ class TestReasoning:
         assert server.bodies[0]["reasoning_effort"] == "minimal"
         assert "reasoning_effort" not in server.bodies[1]
 
-    DETAILS = {
+    DETAILS: ClassVar[dict] = {
         "prompt_tokens": 9,
         "completion_tokens": 64,
         "completion_tokens_details": {"reasoning_tokens": 64},
@@ -339,7 +340,7 @@ class TestUsage:
 
 
 class TestModels:
-    LIST = {
+    LIST: ClassVar[dict] = {
         "object": "list",
         "data": [
             {"id": "zeta", "object": "model"},
@@ -464,9 +465,11 @@ class TestFiles:
             (
                 "blob.bin",
                 b"\x00\x01binary",
-                "cannot add blob.bin: it is not text (it holds NUL bytes) and not one of the files "
-                "chat.py can send: images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF files, "
-                "audio (WAV, MP3)",
+                (
+                    "cannot add blob.bin: it is not text (it holds NUL bytes) and not one of "
+                    "the files chat.py can send: images (PNG, JPEG, GIF, WebP, BMP, TIFF), PDF "
+                    "files, audio (WAV, MP3)"
+                ),
             ),
             (
                 "photo.png",
@@ -536,6 +539,7 @@ class TestFiles:
             env=cli.environ(FAKE_KEY, None),
             cwd=tmp_path,
             timeout=30,
+            check=False,
         )
         assert (done.returncode, done.stdout, done.stderr) == (
             2,

@@ -215,8 +215,10 @@ class TestSpec:
             ),
             (
                 "@list.json",
-                "--schema @list.json must be a JSON Schema object, "
-                "or fields such as 'name, age int'",
+                (
+                    "--schema @list.json must be a JSON Schema object, "
+                    "or fields such as 'name, age int'"
+                ),
             ),
         ],
         ids=[
@@ -402,30 +404,38 @@ class TestReply:
                 SPEC,
                 "Sure! Ada, 36.",
                 "whole",
-                "error: the reply is not the JSON --schema asked for: Expecting value: line 1 "
-                "column 1 (char 0)",
+                (
+                    "error: the reply is not the JSON --schema asked for: Expecting value: line 1 "
+                    "column 1 (char 0)"
+                ),
             ),
             (
                 SPEC,
                 '```json\n{"name": "Ada"}\n```',
                 "whole",
-                "error: the reply is not the JSON --schema asked for: Expecting value: line 1 "
-                "column 1 (char 0)",
+                (
+                    "error: the reply is not the JSON --schema asked for: Expecting value: line 1 "
+                    "column 1 (char 0)"
+                ),
             ),
             (
                 SPEC,
                 '{"name": "Ad',
                 "cut-off",
-                "warning: the reply was cut off at the token limit (finish_reason: length)\n"
-                "error: the reply is not the JSON --schema asked for: Unterminated string "
-                "starting at: line 1 column 10 (char 9)",
+                (
+                    "warning: the reply was cut off at the token limit (finish_reason: length)\n"
+                    "error: the reply is not the JSON --schema asked for: Unterminated string "
+                    "starting at: line 1 column 10 (char 9)"
+                ),
             ),
             (
                 SPEC,
                 '{"name": "Ada", "age": 36',
                 "streamed",
-                "error: the reply is not the JSON --schema asked for: Expecting ',' delimiter: "
-                "line 1 column 26 (char 25)",
+                (
+                    "error: the reply is not the JSON --schema asked for: Expecting ',' delimiter: "
+                    "line 1 column 26 (char 25)"
+                ),
             ),
             (
                 SPEC,

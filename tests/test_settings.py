@@ -13,7 +13,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_KEY, completion, json_response, saved, settings_file, write_settings
+from conftest import (
+    FAKE_KEY,
+    completion,
+    json_response,
+    saved,
+    settings_file,
+    write_settings,
+)
 
 import chat
 
@@ -202,7 +209,9 @@ def test_each_setting_the_file_can_hold(cli, server, tmp_path):
     assert request.headers["authorization"] == "Bearer sk-test-from-the-settings-file"
     assert request.body["model"] == "model-from-settings"
     assert list(saved(folder)) and not (tmp_path / "state").exists()
-    assert cli("--chats", key=None, env={"CHAT_PY_HOME": ""}).out.startswith(list(saved(folder))[0])
+    assert cli("--chats", key=None, env={"CHAT_PY_HOME": ""}).out.startswith(
+        next(iter(saved(folder)))
+    )
     write_settings(settings + "CHAT_PY_NO_SAVE=1\n")
     assert cli("again", key=None, env={"CHAT_PY_HOME": ""}).code == 0
     assert [len(turns) for turns in saved(folder).values()] == [1]  # nothing more saved

@@ -194,15 +194,19 @@ class TestStreamingCli:
         [
             # CR and CRLF line ends, no space after the colon, comments, other fields, data over
             # two lines
-            b': ping\r\rid: 1\r\nretry: 10\r\nevent: message\r\ndata:{"choices":[{"delta":\r\n'
-            b'data: {"content":"o"}}]}\r\n\r\n'
-            b'data:{"choices":[{"delta":{"content":"k"}}]}\r\r: bye\n\n',
+            (
+                b': ping\r\rid: 1\r\nretry: 10\r\nevent: message\r\ndata:{"choices":[{"delta":\r\n'
+                b'data: {"content":"o"}}]}\r\n\r\n'
+                b'data:{"choices":[{"delta":{"content":"k"}}]}\r\r: bye\n\n'
+            ),
             # chunks without choices, null content, a role only, usage only
-            b'data: {"choices":[]}\n\ndata: {"choices":[{"delta":{"content":null}}]}\n\n'
-            b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
-            b'data: {"choices":[{"delta":{}}]}\n\n'
-            b'data: {"choices":[{"delta":{"content":"ok"}}]}\n\n'
-            b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n',
+            (
+                b'data: {"choices":[]}\n\ndata: {"choices":[{"delta":{"content":null}}]}\n\n'
+                b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n'
+                b'data: {"choices":[{"delta":{}}]}\n\n'
+                b'data: {"choices":[{"delta":{"content":"ok"}}]}\n\n'
+                b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n'
+            ),
         ],
         ids=["line syntax", "chunks without text"],
     )
@@ -240,8 +244,10 @@ class TestStreamingCli:
                 (
                     chunk("partial "),
                     chunk("text"),
-                    b'data: {"error": {"message": "upstream overloaded", '
-                    b'"type": "server_error"}}\n\n',
+                    (
+                        b'data: {"error": {"message": "upstream overloaded", '
+                        b'"type": "server_error"}}\n\n'
+                    ),
                 ),
                 1,
                 "partial text\n",
@@ -628,9 +634,11 @@ EXACT = "".join(CONTROL_DELTAS)
         # "\r" at the end of one delta and "\n" at the start of the next make a newline, not \x0d.
         (
             True,
-            "bell\\x07 esc\\x1b[31mred crlf\r\ncr at the end\r\nnext line\ttab lone\\x0dcr "
-            "del\\x7f c1\\x9b"
-            " nul\\x00 end\\x0d\n",
+            (
+                "bell\\x07 esc\\x1b[31mred crlf\r\ncr at the end\r\nnext line\ttab lone\\x0dcr "
+                "del\\x7f c1\\x9b"
+                " nul\\x00 end\\x0d\n"
+            ),
         ),
     ],
     ids=["pipe", "terminal"],

@@ -93,6 +93,7 @@ def run_limited(cli, *args, stdout=subprocess.PIPE):
         env=cli.environ(FAKE_KEY, None),
         cwd=cli.folder,
         timeout=60,
+        check=False,
     )
     done.seconds = time.monotonic() - started
     return done
@@ -283,7 +284,7 @@ class TestDotenvStateFolder:
     """A .env cannot move the conversations into the repository (to read them, or to plant one)."""
 
     @property
-    def WARNING(self) -> str:  # noqa: N802 (it names this test's settings file)
+    def WARNING(self) -> str:  # upper case: it names this test's settings file
         return f"warning: .env: CHAT_PY_HOME, XDG_STATE_HOME ignored: {only_key_and_model()}\n"
 
     @pytest.mark.parametrize("environment", ["CHAT_PY_HOME set", "CHAT_PY_HOME unset"])
@@ -400,7 +401,7 @@ class TestTerminal:
             question, model, answer = r"\x1b]0;pwned\x07 diff", r"evil-\x1b[2J-model", SHOWN
         else:
             question, model, answer = "\x1b]0;pwned\x07 diff", "evil-\x1b[2J-model", EVIL
-        asked = datetime.fromisoformat(turn["time"].replace("Z", "+00:00"))
+        asked = datetime.fromisoformat(turn["time"].replace("Z", "+00:00"))  # noqa: FURB162 (3.10)
         ttys = (False, stdout_tty, False)
         shown = "  " + answer.replace("\nend", "\n  end")  # each line indented under its header
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 # A raw control character of any kind: C0 but newline and tab, DEL, C1.
 RAW_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-ROOT_VERSION = re.search(r'^__version__ = "(.+)"$', (ROOT / "chat.py").read_text(), re.M)[1]
+ROOT_VERSION = re.search(r'^__version__ = "(.+)"$', (ROOT / "chat.py").read_text(), re.MULTILINE)[1]
 QUESTION_BODY = json.dumps(
     {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "q"}]}, indent=2
 )
@@ -331,6 +331,7 @@ def test_curl_sends_the_same_request(cli, server, tmp_path):
         cwd=tmp_path,
         env={"OPENAI_API_KEY": FAKE_KEY, "PATH": "/usr/bin:/bin"},
         timeout=30,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["choices"][0]["message"]["content"] == "via curl"
@@ -351,22 +352,26 @@ def test_curl_sends_the_same_request(cli, server, tmp_path):
         (
             ["--stream", "--base-url", "http://127.0.0.1:8080/v1"],
             None,
-            "curl -N http://127.0.0.1:8080/v1/chat/completions \\\n"
-            "  -H 'Content-Type: application/json' \\\n"
-            f"  -H 'User-Agent: chat.py/{ROOT_VERSION}' \\\n"
-            "  --data-binary @- <<'JSON'\n"
-            '{\n  "model": "gpt-5.4-mini",\n',
+            (
+                "curl -N http://127.0.0.1:8080/v1/chat/completions \\\n"
+                "  -H 'Content-Type: application/json' \\\n"
+                f"  -H 'User-Agent: chat.py/{ROOT_VERSION}' \\\n"
+                "  --data-binary @- <<'JSON'\n"
+                '{\n  "model": "gpt-5.4-mini",\n'
+            ),
         ),
         # OpenAI's host needs a key: the command uses $OPENAI_API_KEY, even when none is set now
         (
             ["--max-tokens", "5"],
             None,
-            "curl https://api.openai.com/v1/chat/completions \\\n"
-            "  -H 'Content-Type: application/json' \\\n"
-            f"  -H 'User-Agent: chat.py/{ROOT_VERSION}' \\\n"
-            '  -H "Authorization: Bearer $OPENAI_API_KEY" \\\n'
-            "  --data-binary @- <<'JSON'\n"
-            '{\n  "model": "gpt-5.4-mini",\n',
+            (
+                "curl https://api.openai.com/v1/chat/completions \\\n"
+                "  -H 'Content-Type: application/json' \\\n"
+                f"  -H 'User-Agent: chat.py/{ROOT_VERSION}' \\\n"
+                '  -H "Authorization: Bearer $OPENAI_API_KEY" \\\n'
+                "  --data-binary @- <<'JSON'\n"
+                '{\n  "model": "gpt-5.4-mini",\n'
+            ),
         ),
     ],
     ids=["local-stream", "openai"],
